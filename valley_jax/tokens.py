@@ -38,3 +38,19 @@ SYSTEM_INFERENCE = (
 def media_tokens(num_frames: int, num_patches: int = 256) -> str:
     """The text that replaces one `<video>` / `<image>` placeholder (an image has one frame)."""
     return IM_START + IM_PATCH * num_patches + IM_END + VI_START + VI_FRAME * num_frames + VI_END
+
+
+def add_valley_tokens(tokenizer) -> dict:
+    """Adds Valley's tokens to a Hugging Face tokenizer in the reference's order and returns
+    their ids: {'pad', 'vi_frame', 'vi_start', 'vi_end', 'im_patch', 'im_start', 'im_end'}.
+
+    `[PAD]` is added only when the tokenizer has no pad token. Idempotent: tokens already in the
+    vocabulary keep their ids. The caller resizes embeddings to `len(tokenizer)`.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    tokenizer.add_tokens(list(ADDED_TOKENS), special_tokens=True)
+    names = ("vi_frame", "vi_start", "vi_end", "im_patch", "im_start", "im_end")
+    ids = {"pad": tokenizer.pad_token_id}
+    ids.update({n: tokenizer.convert_tokens_to_ids(t) for n, t in zip(names, ADDED_TOKENS)})
+    return ids

@@ -1,0 +1,85 @@
+"""CLIP vision transformer (ViT-L/14 in Valley), as Hugging Face's CLIPVisionModel computes it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from valley_jax.config import VisionConfig
+from valley_jax.layers import Dense, LayerNorm, Policy, normal, param, run_stacked, stacked
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-LN transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: VisionConfig, policy: Policy, rngs: nnx.Rngs):
+        d, h = cfg.width, cfg.heads
+        hd = d // h
+        self.scale = hd ** -0.5
+        qkv = lambda: Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=True,  # noqa: E731
+                            policy=policy, rngs=rngs)
+        self.ln1 = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
+        self.q, self.k, self.v = qkv(), qkv(), qkv()
+        self.o = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), use_bias=True, policy=policy,
+                       rngs=rngs)
+        self.ln2 = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
+        self.fc1 = Dense((d,), (cfg.mlp_dim,), ("embed",), ("mlp",), use_bias=True, policy=policy,
+                         rngs=rngs)
+        self.fc2 = Dense((cfg.mlp_dim,), (d,), ("mlp",), ("embed",), use_bias=True, policy=policy,
+                         rngs=rngs)
+
+    def __call__(self, x):
+        y = self.ln1(x)
+        y = jax.nn.dot_product_attention(self.q(y), self.k(y), self.v(y), scale=self.scale)
+        x = x + self.o(y)
+        return x + self.fc2(quick_gelu(self.fc1(self.ln2(x))))
+
+
+class CLIPVision(nnx.Module):
+    """Patch embedding + class token + positions -> pre_layrnorm -> encoder layers.
+
+    `__call__` returns the hidden state selected by `cfg.select_layer` for every token
+    (class token first), so only the layers needed for it are run. `post_layernorm` is kept so
+    that checkpoints round-trip, but Valley never applies it.
+    """
+
+    def __init__(self, cfg: VisionConfig, policy: Policy, *, rngs: nnx.Rngs):
+        self.cfg, self.policy = cfg, policy
+        p, d = cfg.patch_size, cfg.width
+        self.patch_embed = param(rngs, normal(0.02), (p, p, 3, d), (None, None, None, "embed"),
+                                 policy.param_dtype)
+        self.class_embed = param(rngs, normal(0.02), (d,), ("embed",), policy.param_dtype)
+        self.pos_embed = param(rngs, normal(0.02), (cfg.num_patches + 1, d), (None, "embed"),
+                               policy.param_dtype)
+        self.pre_ln = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
+        self.layers = stacked(lambda r: EncoderLayer(cfg, policy, r), cfg.depth, rngs)
+        self.post_ln = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
+
+    def embed(self, pixels):
+        """pixels: [N, H, W, 3] normalised -> [N, 1 + num_patches, width] before pre_layrnorm."""
+        dtype = self.policy.dtype
+        x = jax.lax.conv_general_dilated(
+            pixels.astype(dtype), self.patch_embed[...].astype(dtype),
+            window_strides=(self.cfg.patch_size,) * 2, padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.class_embed[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
+        return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(dtype)
+
+    def __call__(self, pixels):
+        x = self.pre_ln(self.embed(pixels))
+        n = self.cfg.layers_to_run
+        if n == 0:
+            return x
+        # Layers past the selected one are never run: slice them off before scanning.
+        layers = self.layers
+        if n < self.cfg.depth:
+            graphdef, state = nnx.split(self.layers)
+            layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[:n], state))
+        x, _ = run_stacked(layers, lambda layer, h, _: (layer(h), None), x, None, self.policy)
+        return x

@@ -1,0 +1,1 @@
+"""Data: records -> frames + tokens -> batches (and the synthetic video world for the demo)."""
