@@ -8,6 +8,7 @@ from flax import nnx
 
 from valley_jax.config import VisionConfig
 from valley_jax.layers import Dense, LayerNorm, Policy, normal, param, run_stacked, stacked
+from valley_jax.sharding import constrain
 
 
 def quick_gelu(x):
@@ -81,5 +82,8 @@ class CLIPVision(nnx.Module):
         if n < self.cfg.depth:
             graphdef, state = nnx.split(self.layers)
             layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[:n], state))
-        x, _ = run_stacked(layers, lambda layer, h, _: (layer(h), None), x, None, self.policy)
+        def body(layer, h, _):
+            return layer(constrain(h, ("activation_batch", None, None))), None
+
+        x, _ = run_stacked(layers, body, x, None, self.policy)
         return x

@@ -21,6 +21,7 @@ from flax import nnx
 
 from valley_jax.config import LlamaConfig
 from valley_jax.layers import Dense, Policy, RMSNorm, attention, normal, param, run_stacked, stacked
+from valley_jax.sharding import constrain
 
 
 def rope_frequencies(cfg: LlamaConfig) -> jnp.ndarray:
@@ -125,6 +126,7 @@ class Llama(nnx.Module):
         mask = mask[:, None]  # [B, 1, T, S]
 
         def body(layer, h, kv):
+            h = constrain(h, ("activation_batch", None, None))
             h, new_kv = layer(h, positions, inv_freq, mask, kv, index)
             return h, (None if kv is None else new_kv)  # training keeps no per-layer k/v
 

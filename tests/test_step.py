@@ -1,0 +1,138 @@
+"""The sharded train step: equal on every mesh, frozen parts untouched, exact accumulation."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from valley_jax import optim, sharding
+from valley_jax import step as step_lib
+from valley_jax.config import LlamaConfig, ValleyConfig, VisionConfig
+from valley_jax.valley import Valley
+
+NEW_ROWS_FROM = 250  # ids >= 250 are Valley's added tokens in this tiny vocabulary
+
+
+def tiny_config(temporal="transformer", dropout=0.1):
+    return ValleyConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, width=32, depth=3, heads=4, mlp_dim=64),
+        llm=LlamaConfig(vocab_size=256, hidden=64, depth=2, heads=4, kv_heads=2, head_dim=16,
+                        mlp_dim=128, max_position=256),
+        temporal=temporal, temporal_mlp_dim=64, temporal_dropout=dropout,
+        im_patch_id=254, vi_frame_id=251)
+
+
+def make_batch(cfg, seed, batch=8, seq=48, frames=4):
+    """Videos, images and text-only rows, right padded, with learned answer tokens."""
+    r = np.random.default_rng(seed)
+    n = cfg.vision.num_patches
+    ids = r.integers(3, 240, (batch, seq)).astype(np.int32)
+    frame_mask = np.zeros((batch, frames), bool)
+    attention = np.ones((batch, seq), np.int32)
+    for b in range(batch):
+        kind = b % 3  # video, image, text
+        t = frames if kind == 0 else 1
+        if kind < 2:
+            ids[b, 1:1 + n + 4 + t] = ([252] + [cfg.im_patch_id] * n + [253, 250]
+                                       + [cfg.vi_frame_id] * t + [255])
+            frame_mask[b, :t] = True
+        attention[b, seq - 1 - b:] = 0
+    labels = np.where(np.arange(seq) >= 30, ids, -100).astype(np.int32)
+    labels[attention == 0] = -100
+    pixels = r.integers(0, 256, (batch, frames, 56, 56, 3), dtype=np.uint8)
+    pixels[~frame_mask] = 0
+    return dict(input_ids=ids, labels=labels, attention_mask=attention, frames=pixels,
+                frame_mask=frame_mask)
+
+
+def run(cfg, mesh_shape, *, stage="finetune", micro_batches=1, steps=3, batches=None,
+        lr=1e-3, dropout_rng=True):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    model = Valley(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, axes, param_paths = step_lib.split_model(model)
+    initial = jax.device_get(params)  # the step donates its state: keep a host copy
+    trainable = optim.stage_trainable(stage, param_paths, embed_rows_from=NEW_ROWS_FROM)
+    tx, schedule = optim.make_optimizer(lr=lr, total_steps=10, warmup_steps=1, b2=0.95,
+                                        weight_decay=0.1)
+    fn = step_lib.make_step(graphdef, trainable, tx, schedule, micro_batches=micro_batches,
+                            mesh=mesh)
+    state = step_lib.init_state(params, trainable, tx)
+    state_sh = step_lib.tree_shardings(state, axes, mesh)
+    state = jax.device_put(state, state_sh)
+    batches = batches or [make_batch(cfg, i) for i in range(steps)]
+    batch_sh = sharding.batch_shardings(batches[0], mesh)
+    jitted = step_lib.jit_step(fn, state_sh, batch_sh, mesh)
+    losses = []
+    for i, b in enumerate(batches):
+        rng = jax.random.key(100 + i) if dropout_rng else None
+        state, metrics = jitted(state, jax.device_put(b, batch_sh), rng)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), state, initial, metrics
+
+
+def max_param_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(a[p], np.float64) - np.asarray(b[p], np.float64))))
+               for p in a)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run(tiny_config(), (1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)])
+def test_same_losses_and_parameters_on_every_mesh(single_device_run, mesh_shape):
+    losses, params, state, _, _ = run(tiny_config(), mesh_shape)
+    ref_losses, ref_params = single_device_run[0], single_device_run[1]
+    assert np.allclose(losses, ref_losses, atol=1e-5, rtol=0), (losses, ref_losses)
+    assert max_param_diff(params, ref_params) < 1e-5
+    assert ref_losses[0] > ref_losses[2]  # it learns
+    # The parameters really are sharded as the rules say (not silently replicated).
+    q = state.params[("llm", "layers", "q", "kernel")].sharding.spec
+    data, fsdp, tensor = mesh_shape
+    assert q == jax.sharding.PartitionSpec(None, "fsdp" if fsdp > 1 else None,
+                                           "tensor" if tensor > 1 else None, None)
+
+
+def test_stage1_trains_only_projector_and_new_token_rows():
+    losses, after, state, before, _ = run(tiny_config(), (2, 2, 2), stage="pretrain", lr=1e-2)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed == {("projector", "linear", "kernel"), ("projector", "linear", "bias"),
+                       ("llm", "embed")}
+    old, new = before[("llm", "embed")], after[("llm", "embed")]
+    assert np.array_equal(old[:NEW_ROWS_FROM], new[:NEW_ROWS_FROM])
+    assert not np.array_equal(old[NEW_ROWS_FROM:], new[NEW_ROWS_FROM:])
+    # Optimizer moments exist only for the projector and the 6 new rows.
+    adam = state.opt_state[1][0]
+    assert set(adam.mu) == {("projector", "linear", "kernel"), ("projector", "linear", "bias"),
+                            ("llm", "embed")}
+    assert adam.mu[("llm", "embed")].shape == (256 - NEW_ROWS_FROM, 64)
+    n_state = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    n_train = 32 * 64 + 64 + (256 - NEW_ROWS_FROM) * 64
+    assert n_state == 2 * n_train + 2  # mu + nu, plus two step counters
+
+
+def test_stage2_leaves_the_vision_tower_bitwise_unchanged():
+    _, after, state, before, _ = run(tiny_config(), (1, 4, 2), stage="finetune")
+    for p in before:
+        same = np.array_equal(before[p], after[p])
+        if p[0] == "vision" or p == ("temporal", "position"):
+            assert same, p
+        else:
+            assert not same, p
+    adam = state.opt_state[1][0]
+    assert not any(p[0] == "vision" for p in adam.mu)
+    assert ("temporal", "position") not in adam.mu
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulating_micro_batches_equals_one_large_batch(k):
+    cfg = tiny_config(dropout=0.0)
+    batches = [make_batch(cfg, i, batch=8) for i in range(2)]
+    one, p_one, *_ = run(cfg, (2, 2, 1), batches=batches, dropout_rng=False)
+    acc, p_acc, *_ = run(cfg, (2, 2, 1), batches=batches, micro_batches=k, dropout_rng=False)
+    assert np.allclose(one, acc, atol=1e-5, rtol=0)
+    assert max_param_diff(p_one, p_acc) < 1e-5
