@@ -105,23 +105,28 @@ class ValleyReference(nn.Module):
         self.mm_projector = nn.Linear(clip.config.hidden_size, llama.config.hidden_size)
         self.eval()
 
+    def logits(self, input_ids, pixels, attention_mask):
+        """input_ids [B, S] (right padded); pixels: per sample a normalised [T, 3, H, W] tensor or
+        None (text only). The ViT is frozen (no gradient); everything after it is differentiable."""
+        embeds = self.llama.model.embed_tokens(input_ids)
+        rows = []
+        for b, px in enumerate(pixels):
+            row = embeds[b]
+            if px is not None:
+                with torch.no_grad():
+                    hidden = self.clip(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+                feats = self.mm_projector(hidden)  # all tokens of every frame, before merging
+                merged = self.temporal(feats[:, 1:])
+                patch_pos = (input_ids[b] == IM_PATCH_ID).nonzero()[:, 0]
+                frame_pos = (input_ids[b] == VI_FRAME_ID).nonzero()[:, 0]
+                assert len(patch_pos) == merged.shape[0] and len(frame_pos) == feats.shape[0]
+                row = row.index_put((patch_pos,), merged).index_put((frame_pos,), feats[:, 0])
+            rows.append(row)
+        return self.llama(inputs_embeds=torch.stack(rows), attention_mask=attention_mask).logits
+
     @torch.no_grad()
     def forward(self, input_ids, pixels, attention_mask):
-        """input_ids [B, S] (right padded); pixels: per sample a normalised [T, 3, H, W] tensor or
-        None (text only)."""
-        embeds = self.llama.model.embed_tokens(input_ids).clone()
-        for b, px in enumerate(pixels):
-            if px is None:
-                continue
-            hidden = self.clip(pixel_values=px, output_hidden_states=True).hidden_states[-2]
-            feats = self.mm_projector(hidden)  # all tokens of every frame, before merging
-            merged = self.temporal(feats[:, 1:])
-            patch_pos = (input_ids[b] == IM_PATCH_ID).nonzero()[:, 0]
-            frame_pos = (input_ids[b] == VI_FRAME_ID).nonzero()[:, 0]
-            assert len(patch_pos) == merged.shape[0] and len(frame_pos) == feats.shape[0]
-            embeds[b, patch_pos] = merged
-            embeds[b, frame_pos] = feats[:, 0]
-        return self.llama(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        return self.logits(input_ids, pixels, attention_mask)
 
     def valley_state_dict(self) -> dict:
         """The whole model under the authors' key names (ValleyLlamaForCausalLM)."""

@@ -53,6 +53,16 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's projections (Valley's stage-2 LoRA variant)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """LLaMA-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied lm_head)."""
 
@@ -67,6 +77,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
     max_position: int = 4096
+    lora: Optional[LoraConfig] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +139,13 @@ def from_dict(d: dict) -> ValleyConfig:
     d = dict(d)
     llm = dict(d.pop("llm", {}))
     scaling = llm.pop("rope_scaling", None)
+    lora = llm.pop("lora", None)
     try:
         vision = VisionConfig(**d.pop("vision", {}))
-        llm = LlamaConfig(rope_scaling=RopeScaling(**scaling) if scaling else None, **llm)
+        if lora:
+            lora["targets"] = tuple(lora.get("targets", LoraConfig.targets))
+        llm = LlamaConfig(rope_scaling=RopeScaling(**scaling) if scaling else None,
+                          lora=LoraConfig(**lora) if lora else None, **llm)
         if "pixel_mean" in d:
             d["pixel_mean"], d["pixel_std"] = tuple(d["pixel_mean"]), tuple(d["pixel_std"])
         return ValleyConfig(vision=vision, llm=llm, **d)

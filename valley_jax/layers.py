@@ -9,6 +9,7 @@ time does not grow with depth.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -47,15 +48,22 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+def _contract(x: Array, kernel: Array, n: int) -> Array:
+    """x [..., *in] @ kernel [*in, *out] over the last n axes of x."""
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
+                                           ((), ())))
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
     Kernels keep their head structure (e.g. [embed, heads, head_dim]) so that heads can be
-    sharded by name.
+    sharded by name. With `lora` (a LoraConfig), a low-rank adapter is added:
+    y += dropout(x) @ lora_a @ lora_b * alpha / rank, with lora_b starting at zero (as PEFT).
     """
 
     def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, policy: Policy,
-                 rngs: nnx.Rngs, std: float = 0.02):
+                 rngs: nnx.Rngs, std: float = 0.02, lora=None):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         self.n_in = len(in_shape)
         self.policy = policy
@@ -63,14 +71,22 @@ class Dense(nnx.Module):
                             policy.param_dtype)
         self.bias = (param(rngs, zeros, out_shape, out_axes, policy.param_dtype)
                      if use_bias else None)
+        self.lora = lora
+        if lora is not None:
+            bound = 1.0 / math.sqrt(math.prod(in_shape))  # PEFT's kaiming_uniform(a=sqrt(5))
+            init_a = lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound)  # noqa: E731
+            self.lora_a = param(rngs, init_a, in_shape + (lora.rank,), tuple(in_axes) + (None,),
+                                policy.param_dtype)
+            self.lora_b = param(rngs, zeros, (lora.rank,) + out_shape, (None,) + tuple(out_axes),
+                                policy.param_dtype)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rng: Array | None = None) -> Array:
         dtype = self.policy.dtype
-        kernel = self.kernel[...].astype(dtype)
-        n = self.n_in
-        y = jax.lax.dot_general(
-            x.astype(dtype), kernel,
-            ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        x = x.astype(dtype)
+        y = _contract(x, self.kernel[...].astype(dtype), self.n_in)
+        if self.lora is not None:
+            h = _contract(dropout(x, self.lora.dropout, rng), self.lora_a[...].astype(dtype), self.n_in)
+            y = y + _contract(h, self.lora_b[...].astype(dtype), 1) * (self.lora.alpha / self.lora.rank)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

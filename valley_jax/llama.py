@@ -59,30 +59,37 @@ def apply_rope(x, positions, inv_freq):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, policy: Policy, rngs: nnx.Rngs):
         e, h, kv, hd, m = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_dim
-        dense = lambda i, o, ia, oa: Dense(i, o, ia, oa, use_bias=False, policy=policy, rngs=rngs)  # noqa: E731
-        self.attn_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
-        self.q = dense((e,), (h, hd), ("embed",), ("heads", "head_dim"))
-        self.k = dense((e,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
-        self.v = dense((e,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
-        self.o = dense((h, hd), (e,), ("heads", "head_dim"), ("embed",))
-        self.mlp_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
-        self.gate = dense((e,), (m,), ("embed",), ("mlp",))
-        self.up = dense((e,), (m,), ("embed",), ("mlp",))
-        self.down = dense((m,), (e,), ("mlp",), ("embed",))
+        lora = cfg.lora
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None):
+        def dense(name, i, o, ia, oa):
+            adapter = lora if lora is not None and name in lora.targets else None
+            return Dense(i, o, ia, oa, use_bias=False, policy=policy, rngs=rngs, lora=adapter)
+
+        self.attn_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
+        self.q = dense("q", (e,), (h, hd), ("embed",), ("heads", "head_dim"))
+        self.k = dense("k", (e,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
+        self.v = dense("v", (e,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
+        self.o = dense("o", (h, hd), (e,), ("heads", "head_dim"), ("embed",))
+        self.mlp_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
+        self.gate = dense("gate", (e,), (m,), ("embed",), ("mlp",))
+        self.up = dense("up", (e,), (m,), ("embed",), ("mlp",))
+        self.down = dense("down", (m,), (e,), ("mlp",), ("embed",))
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, index=None, rng=None):
         """x: [B, T, E]. Without `kv`, attends over x itself; with `kv` = (k, v) of this layer's
-        cache slots [B, S, K, D], writes the new keys/values at slot `index` first."""
+        cache slots [B, S, K, D], writes the new keys/values at slot `index` first. `rng`: LoRA
+        dropout key (None = deterministic)."""
+        r = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         y = self.attn_norm(x)
-        q = apply_rope(self.q(y), positions, inv_freq)
-        k = apply_rope(self.k(y), positions, inv_freq)
-        v = self.v(y)
+        q = apply_rope(self.q(y, r[0]), positions, inv_freq)
+        k = apply_rope(self.k(y, r[1]), positions, inv_freq)
+        v = self.v(y, r[2])
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        x = x + self.o(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+        x = x + self.o(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), r[3])
         y = self.mlp_norm(x)
-        x = x + self.down(jax.nn.silu(self.gate(y)) * self.up(y))
+        x = x + self.down(jax.nn.silu(self.gate(y, r[4])) * self.up(y, r[5]), r[6])
         return x, (k, v)
 
 
@@ -106,9 +113,10 @@ class Llama(nnx.Module):
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
-    def __call__(self, x, positions, token_mask, cache=None):
+    def __call__(self, x, positions, token_mask, cache=None, rng=None):
         """x: [B, T, E] input embeddings; positions: [B, T] int; token_mask: [B, T] bool (False =
-        padding). Returns float32 logits [B, T, vocab] and the updated cache (or None)."""
+        padding); rng: LoRA dropout key (None = deterministic). Returns float32 logits
+        [B, T, vocab] and the updated cache (or None)."""
         inv_freq = rope_frequencies(self.cfg)
         t = x.shape[1]
         if cache is None:
@@ -125,13 +133,16 @@ class Llama(nnx.Module):
         mask = (causal[None] & key_ok[:, None, :]) | (k_slot[None, None, :] == q_slot[None, :, None])
         mask = mask[:, None]  # [B, 1, T, S]
 
-        def body(layer, h, kv):
+        def body(layer, h, xs):
+            kv, layer_rng = xs
             h = constrain(h, ("activation_batch", None, None))
-            h, new_kv = layer(h, positions, inv_freq, mask, kv, index)
+            h, new_kv = layer(h, positions, inv_freq, mask, kv, index, layer_rng)
             return h, (None if kv is None else new_kv)  # training keeps no per-layer k/v
 
         kv = None if cache is None else (cache["k"], cache["v"])
-        x, new_kv = run_stacked(self.layers, body, x, kv, self.policy)
+        use_rng = rng is not None and self.cfg.lora is not None and self.cfg.lora.dropout > 0
+        layer_rngs = jax.random.split(rng, self.cfg.depth) if use_rng else None
+        x, new_kv = run_stacked(self.layers, body, x, (kv, layer_rngs), self.policy)
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
         if cache is None:
             return logits, None

@@ -53,8 +53,10 @@ def merge_model(graphdef, params: dict) -> nnx.Module:
 
 def cross_entropy(logits, labels):
     """Sum of next-token cross-entropy over learned tokens, and their count. `labels` is aligned
-    with the inputs (IGNORE_INDEX = not learned); position t predicts label t + 1."""
-    logits, targets = logits[:, :-1], labels[:, 1:]
+    with the inputs (IGNORE_INDEX = not learned); position t predicts label t + 1. The labels
+    are shifted rather than the logits, which would copy the largest activation of the step."""
+    targets = jnp.concatenate(
+        [labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
     learned = targets != IGNORE_INDEX
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), jnp.where(learned, targets, 0))

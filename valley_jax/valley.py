@@ -79,12 +79,13 @@ class Valley(nnx.Module):
         input_ids: int [B, S]; frames: uint8 [B, T, S, S, 3] or None (text only, e.g. decode
         steps); frame_mask: bool [B, T]; attention_mask: [B, S], 1 = real token (default all);
         positions: [B, S] RoPE positions (default: count of real tokens before each token);
-        rng: dropout key for the temporal transformer (None = deterministic).
+        rng: dropout key for the temporal transformer and LoRA (None = deterministic).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        x = self.embed(input_ids, frames, frame_mask, rng=rng, train_vision=train_vision)
-        return self.llm(x, positions, attention_mask, cache)
+        temporal_rng, llm_rng = (None, None) if rng is None else jax.random.split(rng)
+        x = self.embed(input_ids, frames, frame_mask, rng=temporal_rng, train_vision=train_vision)
+        return self.llm(x, positions, attention_mask, cache, rng=llm_rng)
