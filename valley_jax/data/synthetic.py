@@ -10,14 +10,18 @@ The task is built so that answers need the pixels, and some need their order:
 
 - Two-shape clips are staggered: one shape is there from the first frame, the other pops in a
   few frames later, and the two move one after the other. Appearance order and motion order are
-  drawn independently, so neither answers the other, and a single frame answers neither.
+  drawn independently, so neither answers the other, and each shows only across frames: the
+  first frame alone miscounts, and no single frame tells which shape moved first.
 - Within a record no answer can be read off the text before it: a turn is only asked if no
-  word of its answer vocabulary occurs in any earlier question or answer, and "how many" is only
-  asked while the conversation has mentioned at most one shape.
-- Colours are saturated and far apart, so that lossy video coding cannot confuse them.
+  word of its answer vocabulary occurs in any earlier question or answer, and "how many" is
+  only ever the first question.
+- Question types, and the answers within each type, are balanced, so chance is 1 / answers.
+- Colours are saturated and far apart, and sprites sit on the 2x2 chroma grid, so that lossy
+  video coding cannot confuse colours or shapes.
 
 Usage:
-    python -m valley_jax.data.synthetic --out DIR [--seed S] [--num-train N] [--size PX] [--frames F]
+    python -m valley_jax.data.synthetic --out DIR [--seed S] [--num-train N] [--size PX] \
+        [--frames F]
 
 `generate(out_dir, ...)` does the same from Python and returns the paths it wrote; it does nothing
 when `out_dir/meta.json` (written last) records the same arguments.
@@ -28,9 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import itertools
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import av
@@ -84,17 +90,30 @@ QUESTIONS = {
     "appear_first": ("Which colour appears first?", "What colour is the shape that appears first?"),
 }
 CAPTION_PROMPTS = {
-    "video": ("Describe the video briefly.", "What happens in the video?", "Give a short caption for the video."),
-    "image": ("Describe the image briefly.", "What is in the image?", "Give a short caption for the image."),
+    "video": (
+        "Describe the video briefly.",
+        "What happens in the video?",
+        "Give a short caption for the video.",
+    ),
+    "image": (
+        "Describe the image briefly.",
+        "What is in the image?",
+        "Give a short caption for the image.",
+    ),
 }
 
 FPS = 8
 CRF = 18  # high quality: interiors of shapes stay within a few levels of their colour
-TWO_SHAPE_SHARE = 2 / 3  # the temporal questions need two shapes
+TWO_SHAPE_SHARE = 0.75  # the temporal questions need two shapes
 IMAGE_SHARE = 0.1
+# How much an over-used answer counts against its question type when planning a record (a
+# trade-off, measured over seeds: types within ~4% of uniform at 100 records, answers near uniform).
+EXCESS_WEIGHT = 0.5
 TOKENIZER_VOCAB = 768
+# Defaults of `generate` and the command line: a set a tiny model learns on CPU in minutes.
+NUM_TRAIN, SIZE, NUM_FRAMES = 1500, 112, 16
 MIN_FRAMES = 8
-MIN_SIZE = 48
+MIN_SIZE = 64
 _MEDIA_NAME = re.compile(r"^(train|val|val_novel)_\d{5}\.(mp4|png|jpg)$")
 
 
@@ -120,7 +139,7 @@ class Sprite:
             return self.x, self.y
         progress = min(max((t - self.move_start) / (self.move_end - self.move_start), 0.0), 1.0)
         dx, dy = DIRECTIONS[self.direction]
-        step = round(progress * self.distance)
+        step = 2 * round(progress * self.distance / 2)  # even, see `_even`
         return self.x + dx * step, self.y + dy * step
 
     @property
@@ -158,7 +177,9 @@ def render(scene: Scene) -> np.ndarray:
     rng = np.random.default_rng(scene.noise_seed)
     texture = rng.integers(-scene.noise, scene.noise + 1, (scene.size, scene.size, 1))
     background = np.clip(scene.background + texture, 0, 255).astype(np.uint8)
-    frames = np.repeat(np.broadcast_to(background, (scene.size, scene.size, 3))[None], scene.frames, 0)
+    frames = np.repeat(
+        np.broadcast_to(background, (scene.size, scene.size, 3))[None], scene.frames, 0
+    )
     for sprite in scene.sprites:
         mask = _shape_mask(sprite.shape, sprite.size)
         for t in range(sprite.appear, scene.frames):
@@ -170,17 +191,22 @@ def render(scene: Scene) -> np.ndarray:
 def _boxes_apart(a: Sprite, b: Sprite, frames: int, margin: int) -> bool:
     for t in range(frames):
         (ax, ay), (bx, by) = a.corner(t), b.corner(t)
-        if ax < bx + b.size + margin and bx < ax + a.size + margin and ay < by + b.size + margin and by < ay + a.size + margin:
+        apart_x = ax >= bx + b.size + margin or bx >= ax + a.size + margin
+        apart_y = ay >= by + b.size + margin or by >= ay + a.size + margin
+        if not (apart_x or apart_y):
             return False
     return True
 
 
-def _timeline(rng: np.random.Generator, num_sprites: int, frames: int) -> list[tuple[int, int, int]]:
-    """(appear, move_start, move_end) per sprite.
+def _timeline(
+    rng: np.random.Generator, num_sprites: int, frames: int
+) -> list[tuple[int, int, int]]:
+    """(appear, move_start, move_end) per sprite, as `Sprite` takes them.
 
     With two sprites one is there from frame 0 and the other pops in by frame frames//4; then
     they move one after the other. Which one appears late and which moves first are drawn
-    independently, and both events fall between frames that an 8-frame uniform sampler keeps.
+    independently. With 16 frames, Valley's 8-frame sampler (frames 0, 2, 4, ..., 12, 15) sees
+    the late sprite missing and then present, and each sprite at rest and then moving.
     """
     if frames == 1:
         return [(0, 0, 0)] * num_sprites
@@ -204,11 +230,22 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
+def _even(rng: np.random.Generator, low: int, high: int) -> int:
+    """An even integer in [low, high].
+
+    Sprites sit on even pixels with even sizes and steps, so that straight edges fall on the
+    2x2 chroma blocks of yuv420p and keep their colour after coding.
+    """
+    return 2 * int(rng.integers((low + 1) // 2, high // 2 + 1))
+
+
 def _shapes_for(colour: str, novel: bool) -> list[str]:
     return [shape for shape in SHAPES if novel or (colour, shape) not in HELD_OUT_COMBOS]
 
 
-def sample_scene(rng: np.random.Generator, *, size: int, frames: int, is_video: bool, novel: bool) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, *, size: int, frames: int, is_video: bool, novel: bool
+) -> Scene:
     """One scene; in a novel scene at least one sprite is a held-out colour-shape combination."""
     num_sprites = 2 if rng.random() < TWO_SHAPE_SHARE else 1
     if novel:
@@ -221,20 +258,22 @@ def sample_scene(rng: np.random.Generator, *, size: int, frames: int, is_video: 
     if num_sprites == 2:
         # Distinct colours and shapes within a scene, so "the circle" or "the red object" is unique.
         colour = _pick(rng, [c for c in COLOURS if c != combos[0][0]])
-        combos.append((colour, _pick(rng, [s for s in _shapes_for(colour, novel) if s != combos[0][1]])))
-        if rng.random() < 0.5:
-            combos.reverse()  # the novel sprite is not always the first one in the timeline
+        combos.append(
+            (colour, _pick(rng, [s for s in _shapes_for(colour, novel) if s != combos[0][1]]))
+        )
     num_frames = frames if is_video else 1
     timeline = _timeline(rng, num_sprites, num_frames)
-    margin = 3  # keeps shapes off the border, where the codec blurs most
+    # Valley's loader resizes to 256 and centre-crops 224, cutting 1/16 of each side: sprites stay
+    # inside what the model sees.
+    margin = size // 16 + 2
     for _ in range(1000):
         sprites = []
-        for (colour, shape), (appear, move_start, move_end) in zip(combos, timeline):
-            sprite_size = int(rng.integers(round(0.2 * size), round(0.26 * size) + 1))
+        for (colour, shape), timing in zip(combos, timeline, strict=True):
+            sprite_size = _even(rng, round(0.2 * size), round(0.26 * size))
             room = size - 2 * margin - sprite_size
             if is_video:
                 direction = _pick(rng, tuple(DIRECTIONS))
-                distance = int(rng.integers(round(0.3 * size), round(0.45 * size) + 1))
+                distance = _even(rng, round(0.3 * size), round(0.45 * size))
                 dx, dy = DIRECTIONS[direction]
                 # The start is drawn so that the whole path stays inside the frame.
                 x_lo, x_hi = margin + max(0, -dx * distance), margin + room - max(0, dx * distance)
@@ -242,8 +281,9 @@ def sample_scene(rng: np.random.Generator, *, size: int, frames: int, is_video: 
             else:
                 direction, distance = None, 0
                 x_lo, x_hi, y_lo, y_hi = margin, margin + room, margin, margin + room
-            x, y = int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))
-            sprites.append(Sprite(colour, shape, sprite_size, x, y, direction, distance, appear, move_start, move_end))
+            x, y = _even(rng, x_lo, x_hi), _even(rng, y_lo, y_hi)
+            sprites.append(Sprite(colour, shape, sprite_size, x, y, direction, distance, *timing))
+        # A gap between the shapes keeps each colour blob whole after coding.
         if len(sprites) == 1 or _boxes_apart(sprites[0], sprites[1], num_frames, margin=4):
             break
     else:
@@ -269,10 +309,6 @@ def caption(scene: Scene) -> str:
     return ", then ".join(f"a {sprite.name} moves {sprite.direction}" for sprite in by_motion)
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", text.lower()))
-
-
 def _eligible(scene: Scene) -> tuple[str, ...]:
     if not scene.is_video:
         return ("colour", "shape", "count")
@@ -291,7 +327,9 @@ class Tally:
 
     qtypes: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(QTYPES, 0))
     answers: dict[str, dict[str, int]] = dataclasses.field(
-        default_factory=lambda: {qtype: dict.fromkeys(answers, 0) for qtype, answers in ANSWERS.items()}
+        default_factory=lambda: {
+            qtype: dict.fromkeys(answers, 0) for qtype, answers in ANSWERS.items()
+        }
     )
 
     def excess(self, qtype: str, answer: str) -> float:
@@ -315,76 +353,105 @@ def _ways_to_ask(qtype: str, scene: Scene) -> list[tuple[tuple[int, ...], str]]:
     if qtype == "count":
         return [((), NUMBERS[len(sprites) - 1])]
     if qtype == "move_order":
-        return [((i, 1 - i), "before" if sprites[i].move_start < sprites[1 - i].move_start else "after") for i in range(2)]
+        first = min(range(2), key=lambda i: sprites[i].move_start)
+        return [((i, 1 - i), "before" if i == first else "after") for i in range(2)]
     if qtype == "appear_first":
         return [((), min(sprites, key=lambda sprite: sprite.appear).colour)]
     raise ValueError(qtype)
 
 
-def _handle(mentioned: set[str], remaining: list[str], tally: Tally, rng: np.random.Generator) -> str:
-    """Whether a direction / order question names shapes by shape or by colour.
+# What kind of word each question type answers with; the kind is what a turn must not give away.
+_ANSWER_KIND = {
+    "colour": "colour",
+    "shape": "shape",
+    "count": "number",
+    "direction": "direction",
+    "move_order": "order",
+    "appear_first": "colour",
+}
+# Colour and shape questions name their sprite by the other attribute; direction and order
+# questions may use either (see `_handles`).
+_NAMED_BY = {
+    "colour": ("shape",),
+    "shape": ("colour",),
+    "direction": ("colour", "shape"),
+    "move_order": ("colour", "shape"),
+}
 
-    Naming a colour rules out later colour answers in the record, naming a shape rules out
-    later shape answers; spend the kind already named, else the one whose questions are needed less.
+
+def _handles(sequence: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+    """For each turn, the kinds of word its question may name sprites by; None if the order leaks.
+
+    A turn leaks when its answer kind was named or answered earlier in the record (after
+    "what colour is the circle? red", "what shape is the red object?" answers itself), and a
+    count leaks after any other turn (naming two shapes, or asking which comes first, presumes two).
     """
-    if mentioned & set(COLOURS):
-        return "colour"
-    if mentioned & set(SHAPES):
-        return "shape"
-    colour_need = min((tally.qtypes[q] for q in remaining if q in ("colour", "appear_first")), default=math.inf)
-    shape_need = min((tally.qtypes[q] for q in remaining if q == "shape"), default=math.inf)
-    if colour_need == shape_need:
-        return _pick(rng, ("colour", "shape"))
-    return "colour" if colour_need > shape_need else "shape"
+    handles = []
+    seen: set[str] = set()
+    for i, qtype in enumerate(sequence):
+        if _ANSWER_KIND[qtype] in seen or (qtype == "count" and i > 0):
+            return None
+        later = {_ANSWER_KIND[q] for q in sequence[i + 1 :]}
+        options = tuple(kind for kind in _NAMED_BY.get(qtype, ()) if kind not in later)
+        if qtype in _NAMED_BY and not options:
+            return None
+        handles.append(options)
+        seen.add(_ANSWER_KIND[qtype])
+        seen.update(options)
+    return handles
 
 
-def _question(qtype: str, scene: Scene, named: tuple[int, ...], handle: str, rng: np.random.Generator) -> str:
+def _question(
+    qtype: str, scene: Scene, named: tuple[int, ...], handle: str | None, rng: np.random.Generator
+) -> str:
     template = _pick(rng, QUESTIONS[qtype])
-    refs = [scene.sprites[i] for i in named]
-    if qtype == "colour":
-        return template.format(ref=refs[0].shape)
-    if qtype == "shape":
-        return template.format(ref=_ref(refs[0], "colour"))
-    if qtype == "direction":
-        return template.format(ref=_ref(refs[0], handle))
+    refs = [_ref(scene.sprites[i], handle) for i in named]
     if qtype == "move_order":
-        return template.format(ref=_ref(refs[0], handle), other=_ref(refs[1], handle))
+        return template.format(ref=refs[0], other=refs[1])
+    if refs:
+        return template.format(ref=refs[0])
     return template.format(medium="video" if scene.is_video else "image")
 
 
-def plan_qa(scene: Scene, num_turns: int, tally: Tally, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Up to `num_turns` (question, answer, qtype) turns, at least two.
+def plan_qa(
+    scene: Scene, num_turns: int, tally: Tally, rng: np.random.Generator
+) -> list[tuple[str, str, str]]:
+    """`num_turns` (question, answer, qtype) turns, or two where the scene cannot support more.
 
-    Greedy: the question type used least so far in the split goes first, asked about the
-    sprite whose answer is rarest; an answer already over its uniform share counts against its
-    type. This keeps both the types and the answers within each type near uniform, so that
-    neither a type prior nor a constant guess beats chance. `tally` is updated in place.
+    Of all leak-free sequences of distinct question types (see `_handles`), one of those least
+    used so far in the split is taken, each asked about the sprite whose answer is rarest; an
+    answer already over its uniform share counts against its type. This keeps both the types
+    and the answers within each type near uniform, so that neither a type prior nor a constant
+    guess beats chance. `tally` is updated in place.
     """
-    turns: list[tuple[str, str, str]] = []
-    mentioned: set[str] = set()
-    named_so_far: set[int] = set()
-    for _ in range(num_turns):
-        used = {qtype for _, _, qtype in turns}
-        candidates = [q for q in _eligible(scene) if q not in used and not set(ANSWERS[q]) & mentioned]
-        # Two shapes named, or a question that presumes two, give the count away.
-        if len(named_so_far) > 1 or used & {"move_order", "appear_first"}:
-            candidates = [q for q in candidates if q != "count"]
-        if not candidates:
+    eligible = _eligible(scene)
+    ways = {}
+    for qtype in eligible:
+        options = _ways_to_ask(qtype, scene)
+        rarest = min(tally.answers[qtype][answer] for _, answer in options)
+        ways[qtype] = _pick(rng, [way for way in options if tally.answers[qtype][way[1]] == rarest])
+    for length in (num_turns, 2):
+        best, best_cost = [], math.inf
+        for sequence in itertools.permutations(eligible, length):
+            handles = _handles(sequence)
+            if handles is None:
+                continue
+            cost = sum(
+                tally.qtypes[q] + EXCESS_WEIGHT * tally.excess(q, ways[q][1]) for q in sequence
+            )
+            if cost < best_cost:
+                best, best_cost = [], cost
+            if cost == best_cost:
+                best.append((sequence, handles))
+        if best:
             break
-        choice = {}
-        for q in candidates:
-            ways = _ways_to_ask(q, scene)
-            rarest = min(tally.answers[q][answer] for _, answer in ways)
-            choice[q] = _pick(rng, [way for way in ways if tally.answers[q][way[1]] == rarest])
-        qtype = min(candidates, key=lambda q: (tally.qtypes[q] + tally.excess(q, choice[q][1]), rng.random()))
-        named, answer = choice[qtype]
-        handle = _handle(mentioned, [q for q in candidates if q != qtype], tally, rng)
-        question = _question(qtype, scene, named, handle, rng)
-        turns.append((question, answer, qtype))
+    sequence, handles = _pick(rng, best)
+    turns = []
+    for qtype, options in zip(sequence, handles, strict=True):
+        named, answer = ways[qtype]
+        handle = _pick(rng, options) if options else None
+        turns.append((_question(qtype, scene, named, handle, rng), answer, qtype))
         tally.add(qtype, answer)
-        mentioned |= _words(question) | _words(answer)
-        named_so_far |= set(named)
-    assert len(turns) >= 2, "every scene supports count plus one more question"
     return turns
 
 
@@ -404,14 +471,17 @@ def _caption_record(record_id: str, media: dict, scene: Scene, rng: np.random.Ge
     }
 
 
-def _qa_record(record_id: str, media: dict, scene: Scene, tally: Tally, rng: np.random.Generator) -> dict:
+def _qa_record(
+    record_id: str, media: dict, scene: Scene, tally: Tally, rng: np.random.Generator
+) -> dict:
     turns = plan_qa(scene, int(rng.integers(2, 4)), tally, rng)
     conversations = []
     for i, (question, answer, qtype) in enumerate(turns):
         value = f"{_placeholder(scene)}\n{question}" if i == 0 else question
         conversations.append({"from": "human", "value": value})
         conversations.append({"from": "gpt", "value": answer, "qtype": qtype})
-    return {"id": record_id, **media, "qtypes": [qtype for _, _, qtype in turns], "conversations": conversations}
+    qtypes = [qtype for _, _, qtype in turns]
+    return {"id": record_id, **media, "qtypes": qtypes, "conversations": conversations}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,13 +498,33 @@ def write_video(path: Path, frames: np.ndarray) -> None:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # One encoder thread: the bytes must not depend on the machine.
-        stream.options = {"crf": str(CRF), "threads": "1"} if codec == "libx264" else {"qscale": "2", "threads": "1"}
+        stream.thread_count = 1  # the bytes must not depend on the machine
+        if codec == "libx264":
+            # Without mbtree: x264's macroblock-tree rate control made identical frames code to
+            # different bitstreams now and then (it depends on memory it has not written).
+            stream.options = {"crf": str(CRF), "mbtree": "0"}
+        else:
+            # Best constant quality: mpeg4's default bit rate smears colours and shapes.
+            stream.codec_context.qscale = 2
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def check_decord_reads(size: int, frames: int) -> None:
+    """Fails early if decord cannot read clips of this size (decord 0.6.0 fails on 48 and 72 px)."""
+    import decord  # only here: generating needs no decoder otherwise
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "probe.mp4"
+        write_video(path, np.zeros((frames, size, size, 3), np.uint8))
+        try:
+            shape = decord.VideoReader(str(path)).get_batch([frames - 1]).asnumpy().shape
+        except decord.DECORDError as error:
+            raise ValueError(f"decord cannot read {size} px clips; choose another size") from error
+    assert shape == (1, size, size, 3), shape
 
 
 def write_image(path: Path, frame: np.ndarray) -> None:
@@ -516,7 +606,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _split_sizes(num_train: int) -> dict[str, int]:
-    return {"train": num_train, "val": max(30, num_train // 10), "val_novel": max(30, num_train // 10)}
+    # Balance is greedy, so tiny splits drift from uniform; 80 records keep types within ~10%.
+    held_out = max(80, num_train // 10)
+    return {"train": num_train, "val": held_out, "val_novel": held_out}
 
 
 def _media(root: Path, split: str, index: int, scene: Scene, rng: np.random.Generator) -> dict:
@@ -532,12 +624,41 @@ def _media(root: Path, split: str, index: int, scene: Scene, rng: np.random.Gene
     return {"image": relative}
 
 
-def _qtype_counts(records: list[dict]) -> dict[str, int]:
-    counts = dict.fromkeys(QTYPES, 0)
+def _write_split(
+    root: Path, split: str, count: int, rng: np.random.Generator, size: int, frames: int
+) -> tuple[list[dict], list[dict]]:
+    """Media for `count` scenes; returns (caption records, QA records). Only train has captions."""
+    tally = Tally()
+    captions, qa = [], []
+    for i in range(count):
+        is_video = rng.random() >= IMAGE_SHARE
+        scene = sample_scene(
+            rng, size=size, frames=frames, is_video=is_video, novel=split == "val_novel"
+        )
+        media = _media(root, split, i, scene, rng)
+        if split == "train":
+            captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
+        qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
+    return captions, qa
+
+
+def _summary(records: list[dict]) -> dict:
+    """Counts for meta.json: records, media, turns, question types, answers per type."""
+    answers = {qtype: dict.fromkeys(vocabulary, 0) for qtype, vocabulary in ANSWERS.items()}
     for record in records:
-        for qtype in record["qtypes"]:
-            counts[qtype] += 1
-    return counts
+        for turn in record["conversations"]:
+            if "qtype" in turn:
+                answers[turn["qtype"]][turn["value"]] += 1
+    summary = {
+        "records": len(records),
+        "videos": len({r["video"] for r in records if "video" in r}),
+        "images": len({r["image"] for r in records if "image" in r}),
+    }
+    if any("qtypes" in r for r in records):
+        summary["turns"] = sum(len(r["qtypes"]) for r in records)
+        summary["qtypes"] = {qtype: sum(counts.values()) for qtype, counts in answers.items()}
+        summary["answers"] = answers
+    return summary
 
 
 def _paths(root: Path) -> dict[str, Path]:
@@ -554,23 +675,42 @@ def _paths(root: Path) -> dict[str, Path]:
     return {"root": root, **{key: root / name for key, name in names.items()}}
 
 
-def generate(out_dir, *, seed: int = 0, num_train: int = 1500, size: int = 112, frames: int = 16) -> dict[str, Path]:
+def generate(
+    out_dir,
+    *,
+    seed: int = 0,
+    num_train: int = NUM_TRAIN,
+    size: int = SIZE,
+    frames: int = NUM_FRAMES,
+) -> dict[str, Path]:
     """Writes the synthetic dataset under `out_dir` and returns its paths (see `_paths`).
 
+    `num_train` is the number of stage-2 QA records and also of stage-1 captions: each train
+    scene (10% of them stills) gets one caption and one QA record. val and val_novel hold
+    max(80, num_train // 10) QA records each, every one on a scene of its own.
     Idempotent: when `out_dir/meta.json` records the same arguments, nothing is written.
-    `num_train` is the number of stage-2 QA records and also of stage-1 captions; each train
-    scene (10% of them stills) gets one caption and one QA record.
     """
     if frames < MIN_FRAMES or size < MIN_SIZE or size % 2:
-        raise ValueError(f"need frames >= {MIN_FRAMES} and an even size >= {MIN_SIZE}, got {frames}, {size}")
+        raise ValueError(
+            f"need frames >= {MIN_FRAMES} and an even size >= {MIN_SIZE}, got {frames}, {size}"
+        )
     if num_train < 1:
         raise ValueError("num_train must be positive")
-    args = {"version": VERSION, "seed": seed, "num_train": num_train, "size": size, "frames": frames, "codec": video_codec()}
+    codec = video_codec()
+    args = {
+        "version": VERSION,
+        "seed": seed,
+        "num_train": num_train,
+        "size": size,
+        "frames": frames,
+        "codec": codec,
+    }
     root = Path(out_dir)
     paths = _paths(root)
     if paths["meta"].exists() and json.loads(paths["meta"].read_text()).get("args") == args:
         return paths
 
+    check_decord_reads(size, frames)
     paths["meta"].unlink(missing_ok=True)  # a run cut short must not look complete
     for folder in (paths["videos"], paths["images"]):
         folder.mkdir(parents=True, exist_ok=True)
@@ -579,50 +719,38 @@ def generate(out_dir, *, seed: int = 0, num_train: int = 1500, size: int = 112, 
                 stale.unlink()
 
     splits: dict[str, list[dict]] = {}
-    media_counts: dict[str, dict[str, int]] = {}
     for split_index, (split, count) in enumerate(_split_sizes(num_train).items()):
-        # One stream per split: the val sets do not shift when num_train changes their size.
+        # A random stream per split: the held-out sets do not depend on the train set.
         rng = np.random.default_rng([seed, split_index])
-        tally = Tally()
-        captions, qa = [], []
-        for i in range(count):
-            scene = sample_scene(rng, size=size, frames=frames, is_video=rng.random() >= IMAGE_SHARE, novel=split == "val_novel")
-            media = _media(root, split, i, scene, rng)
-            if split == "train":
-                captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
-            qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
+        captions, qa = _write_split(root, split, count, rng, size, frames)
         if split == "train":
             splits["stage1"], splits["stage2"] = captions, qa
         else:
             splits[split] = qa
-        media_counts[split] = {
-            "videos": sum("video" in r for r in qa),
-            "images": sum("image" in r for r in qa),
-        }
     for name, records in splits.items():
         _write_json(paths[name], records)
 
-    train_records = splits["stage1"] + splits["stage2"]
-    texts = [_v1_conversation(r) for r in train_records]
-    texts += [_inference_prompt(r["conversations"][0]["value"].split("\n", 1)[1]) for r in splits["stage2"]]
+    texts = [_v1_conversation(r) for r in splits["stage1"] + splits["stage2"]]
+    texts += [
+        _inference_prompt(r["conversations"][0]["value"].split("\n", 1)[1])
+        for r in splits["stage2"]
+    ]
     train_tokenizer(texts, paths["tokenizer"])
-    tokenizer_size = spm.SentencePieceProcessor(model_file=str(paths["tokenizer"] / "tokenizer.model")).get_piece_size()
 
     meta = {
         "generator": "valley_jax.data.synthetic",
         "args": args,
         "files": {key: str(path.relative_to(root)) for key, path in paths.items() if key != "root"},
-        "records": {name: len(records) for name, records in splits.items()},
-        "media": {"stage1": media_counts["train"], "stage2": media_counts["train"], "val": media_counts["val"], "val_novel": media_counts["val_novel"]},
-        "qtypes": {name: _qtype_counts(records) for name, records in splits.items() if name != "stage1"},
-        "turns": {name: sum(len(r["qtypes"]) for r in records) for name, records in splits.items() if name != "stage1"},
+        "splits": {name: _summary(records) for name, records in splits.items()},
         "answers": {qtype: list(answers) for qtype, answers in ANSWERS.items()},
         "chance": CHANCE,
         "held_out_combos": [list(combo) for combo in HELD_OUT_COMBOS],
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "shapes": list(SHAPES),
         "fps": FPS,
-        "tokenizer_vocab_size": tokenizer_size,
+        "tokenizer_vocab_size": spm.SentencePieceProcessor(
+            model_file=str(paths["tokenizer"] / "tokenizer.model")
+        ).vocab_size(),
     }
     _write_json(paths["meta"], meta)  # last: its presence marks a complete dataset
     return paths
@@ -632,13 +760,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=1500, help="stage-2 QA records (and stage-1 captions)")
-    parser.add_argument("--size", type=int, default=112, help="frame side in pixels")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    parser.add_argument(
+        "--num-train", type=int, default=NUM_TRAIN, help="stage-2 QA records (and stage-1 captions)"
+    )
+    parser.add_argument("--size", type=int, default=SIZE, help="frame side in pixels")
+    parser.add_argument("--frames", type=int, default=NUM_FRAMES, help="frames per video")
     args = parser.parse_args(argv)
-    paths = generate(args.out, seed=args.seed, num_train=args.num_train, size=args.size, frames=args.frames)
-    meta = json.loads(paths["meta"].read_text())
-    print(json.dumps({"out": str(paths["root"]), "records": meta["records"], "qtypes": meta["qtypes"]}, indent=1))
+    paths = generate(
+        args.out, seed=args.seed, num_train=args.num_train, size=args.size, frames=args.frames
+    )
+    splits = json.loads(paths["meta"].read_text())["splits"]
+    for name, summary in splits.items():
+        print(f"{paths[name]}: {summary['records']} records, {summary.get('qtypes', 'captions')}")
 
 
 if __name__ == "__main__":
