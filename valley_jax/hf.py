@@ -196,34 +196,37 @@ def valley_entries(cfg: ValleyConfig, vision_prefix: str = "model.vision_tower.v
 
 
 def assemble(entries: list[Entry], get: Callable[[str], np.ndarray], shapes: Mapping[Path, tuple],
-             packed: Mapping[str, list[Entry]] = None) -> dict[Path, np.ndarray]:
+             packed: Mapping[str, list[Entry]] = None,
+             where: Optional[Callable[[str], str]] = None) -> dict[Path, np.ndarray]:
     """Builds the flat Valley state {path: array} from HF tensors fetched one at a time by `get`.
 
     Stacked parameters are filled layer by layer into one preallocated array, so peak memory is
     the output plus one source tensor. `shapes` gives the expected shape of every path; a source
-    tensor of the wrong shape is an error naming it.
+    tensor of the wrong shape is an error naming it (and, with `where(name)`, e.g.
+    `TensorReader.file_of`, the file it came from).
     """
     out: dict[Path, np.ndarray] = {}
     groups = [[e] for e in entries] + [list(v) for v in (packed or {}).values()]
     for group in groups:
         src = get(group[0].hf)
         for e in group:
+            name = f"{where(e.hf)}: {e.hf}" if where else e.hf
             if e.path not in shapes:
-                raise KeyError(f"{e.hf}: no parameter {'.'.join(e.path)} in this model")
+                raise KeyError(f"{name}: no parameter {'.'.join(e.path)} in this model")
             want = shapes[e.path]
             try:
                 value = e.to_jax(np.asarray(src))
             except ValueError as err:
-                raise ValueError(f"{e.hf}: shape {tuple(src.shape)} does not fit "
+                raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit "
                                  f"{'.'.join(e.path)} {want}: {err}") from None
             if e.layer is None:
                 if value.shape != tuple(want):
-                    raise ValueError(f"{e.hf}: shape {tuple(src.shape)} gives {value.shape}, "
+                    raise ValueError(f"{name}: shape {tuple(src.shape)} gives {value.shape}, "
                                      f"expected {tuple(want)} for {'.'.join(e.path)}")
                 out[e.path] = value
             else:
                 if value.shape != tuple(want[1:]):
-                    raise ValueError(f"{e.hf}: shape {tuple(src.shape)} gives {value.shape}, "
+                    raise ValueError(f"{name}: shape {tuple(src.shape)} gives {value.shape}, "
                                      f"expected {tuple(want[1:])} for layer {e.layer} of "
                                      f"{'.'.join(e.path)}")
                 if e.path not in out:
@@ -318,7 +321,11 @@ def llama_config_to_hf(cfg: LlamaConfig) -> dict:
 class TensorReader:
     """Reads tensors one at a time from a Hugging Face folder: `model.safetensors`, a sharded
     `*.safetensors.index.json`, or `pytorch_model*.bin` (loaded with weights_only=True, so a
-    pickle that would run code is refused)."""
+    pickle that would run code is refused).
+
+    Errors name the file and the tensor. Only one shard is open at a time, so host memory holds
+    at most one shard's mapped pages besides the tensors the caller keeps.
+    """
 
     def __init__(self, folder):
         import json
@@ -330,8 +337,12 @@ class TensorReader:
         names = sorted(os.listdir(self.folder))
         index = [n for n in names if n.endswith(".index.json")]
         if index:
-            with open(os.path.join(self.folder, index[0])) as f:
-                weight_map = json.load(f)["weight_map"]
+            path = os.path.join(self.folder, index[0])
+            try:
+                with open(path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{path}: not a shard index (no 'weight_map'): {err}") from None
             missing = sorted({f for f in weight_map.values()
                               if not os.path.exists(os.path.join(self.folder, f))})
             if missing:
@@ -350,19 +361,35 @@ class TensorReader:
         import os
         if name == self._open_name:
             return self._open_handle
+        self.close()
         path = os.path.join(self.folder, name)
         if name.endswith(".safetensors"):
             from safetensors import safe_open
-            handle = safe_open(path, framework="numpy")
+            try:
+                handle = safe_open(path, framework="numpy")
+            except Exception as err:  # SafetensorError: truncated or not a safetensors file
+                raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
         else:
             import torch
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    # Pre-zip (legacy) torch.save files cannot be mapped: read them whole.
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # UnpicklingError for code-running pickles, and friends
                 raise ValueError(f"{path}: refused to load with weights_only=True: {err}") from None
+            if not isinstance(sd, dict):
+                raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
             handle = _TorchStateDict(sd)
         self._open_name, self._open_handle = name, handle
         return handle
+
+    def close(self) -> None:
+        """Releases the open shard (its mapping goes with the last reference to the handle)."""
+        self._open_name, self._open_handle = None, None
 
     def keys(self):
         return list(self.weight_map)
@@ -370,10 +397,34 @@ class TensorReader:
     def __contains__(self, key):
         return key in self.weight_map
 
-    def get(self, key: str) -> np.ndarray:
+    def file_of(self, key: str) -> str:
+        """The path of the file that holds `key` (for error messages)."""
+        import os
+        if key not in self.weight_map:
+            return self.folder
+        return os.path.join(self.folder, self.weight_map[key])
+
+    def _checked(self, key: str):
         if key not in self.weight_map:
             raise KeyError(f"{self.folder}: tensor {key!r} not found")
-        return self._open(self.weight_map[key]).get_tensor(key)
+        handle = self._open(self.weight_map[key])
+        if key not in handle.keys():  # an index that lists a tensor its shard lacks
+            raise KeyError(f"{self.file_of(key)}: tensor {key!r} not found in this shard")
+        return handle
+
+    def get(self, key: str) -> np.ndarray:
+        handle = self._checked(key)
+        try:
+            return handle.get_tensor(key)
+        except Exception as err:  # a truncated shard, an unsupported dtype
+            raise ValueError(f"{self.file_of(key)}: cannot read tensor {key!r}: {err}") from None
+
+    def shape(self, key: str) -> tuple:
+        """The shape of a tensor, without reading its data."""
+        handle = self._checked(key)
+        if isinstance(handle, _TorchStateDict):
+            return handle.get_shape(key)
+        return tuple(handle.get_slice(key).get_shape())
 
 
 class _TorchStateDict:
@@ -383,13 +434,82 @@ class _TorchStateDict:
     def keys(self):
         return self.sd.keys()
 
+    def get_shape(self, key):
+        return tuple(self.sd[key].shape)
+
     def get_tensor(self, key):
         t = self.sd[key]
         import torch
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{key!r} is a {type(t).__name__}, not a tensor")
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: go through ml_dtypes bit-exactly
             import ml_dtypes
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
+
+
+class ShardedWriter:
+    """Writes tensors, one at a time, as safetensors shards of at most `max_shard_bytes` each
+    (a larger tensor gets a shard of its own) and, for more than one shard, the
+    `{prefix}.safetensors.index.json` that transformers reads.
+
+    Only the tensors of the shard being filled are held in memory. Shards are written under
+    temporary names and renamed when the total count is known (`model-00001-of-00003...`).
+    """
+
+    def __init__(self, folder, prefix: str = "model", max_shard_bytes: int = 2 * 1024 ** 3,
+                 dtype=None):
+        import os
+        self.folder, self.prefix, self.max_shard_bytes = os.fspath(folder), prefix, max_shard_bytes
+        self.dtype = dtype  # cast every tensor to this dtype (None: keep each tensor's own)
+        os.makedirs(self.folder, exist_ok=True)
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names)
+        self._names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        value = np.ascontiguousarray(value if self.dtype is None else value.astype(self.dtype))
+        if self._pending and self._pending_bytes + value.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = value
+        self._pending_bytes += value.nbytes
+        self.total_bytes += value.nbytes
+
+    def _flush(self) -> None:
+        import os
+        from safetensors.numpy import save_file
+        tmp = os.path.join(self.folder, f".{self.prefix}-part{len(self._written):05d}.tmp")
+        save_file(self._pending, tmp, metadata={"format": "pt"})
+        self._written.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Writes what is pending, names the shards, writes the index; returns the file names."""
+        import json
+        import os
+        if self._pending or not self._written:
+            self._flush()
+        n = len(self._written)
+        names = ([f"{self.prefix}.safetensors"] if n == 1 else
+                 [f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        weight_map = {}
+        umask = os.umask(0)
+        os.umask(umask)
+        for (tmp, keys), name in zip(self._written, names):
+            os.replace(tmp, os.path.join(self.folder, name))
+            # safetensors creates files private (0600); published weights are for reading.
+            os.chmod(os.path.join(self.folder, name), 0o666 & ~umask)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            with open(os.path.join(self.folder, f"{self.prefix}.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        return names
 
 
 def flat_shapes(model) -> dict[Path, tuple]:
@@ -470,12 +590,9 @@ def load_llama(folder, policy=None):
     return model
 
 
-def valley_from_tensors(cfg: ValleyConfig, keys, get: Callable[[str], np.ndarray], policy=None):
-    """A Valley model from tensors named as in the authors' checkpoints (`get(name)` fetches
-    one). Unknown keys are an error; the dead duplicate layer and rotary buffers are skipped."""
-    from flax import nnx
-    from valley_jax.layers import Policy
-    from valley_jax.valley import Valley
+def valley_key_plan(cfg: ValleyConfig, keys) -> tuple[list[Entry], dict[str, list[Entry]]]:
+    """The entries (and packed v3 q/k/v) that read an authors'-layout checkpoint holding `keys`.
+    Unknown keys are an error; the dead duplicate layer and rotary buffers are skipped."""
     keys = list(keys)
     entries = valley_entries(cfg, clip_prefix(keys, "model.vision_tower."))
     packed = packed_in_proj(cfg)
@@ -488,6 +605,110 @@ def valley_from_tensors(cfg: ValleyConfig, keys, get: Callable[[str], np.ndarray
     if missing:
         raise KeyError(f"tensors missing from the checkpoint: {', '.join(missing[:8])}"
                        f"{' ...' if len(missing) > 8 else ''}")
+    return entries, packed
+
+
+def valley_from_tensors(cfg: ValleyConfig, keys, get: Callable[[str], np.ndarray], policy=None):
+    """A Valley model from tensors named as in the authors' checkpoints (`get(name)` fetches
+    one). Unknown keys are an error; the dead duplicate layer and rotary buffers are skipped."""
+    from flax import nnx
+    from valley_jax.layers import Policy
+    from valley_jax.valley import Valley
+    entries, packed = valley_key_plan(cfg, keys)
     model = nnx.eval_shape(lambda: Valley(cfg, policy or Policy(), rngs=nnx.Rngs(0)))
     set_flat(model, assemble(entries, get, flat_shapes(model), packed))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' config.json (ValleyLlamaForCausalLM) <-> ValleyConfig
+
+VALLEY_ARCHITECTURE = "ValleyLlamaForCausalLM"
+DELTA_ENCODER_PREFIX = "model.transformer_delta_encoder.layers.0."
+DEAD_DUPLICATE_PREFIX = IGNORED_PREFIXES[0]  # 'model.transforemr_adding_layer.' (sic)
+CLIP_HEAD_DIM = 64  # every released CLIP ViT (B/16, L/14, L/14-336) has 64-wide heads
+
+
+def temporal_from_keys(keys) -> str:
+    """The temporal variant an authors'-layout checkpoint holds: v2 'importance' has
+    `pooling_layer`, v3 'transformer' has `transformer_delta_encoder`, v1 'mean' neither."""
+    keys = list(keys)
+    if any(k.startswith("model.pooling_layer.") for k in keys):
+        return "importance"
+    if any(k.startswith(DELTA_ENCODER_PREFIX) for k in keys):
+        return "transformer"
+    return "mean"
+
+
+def vision_config_from_shapes(keys, shape: Callable[[str], tuple], prefix: str,
+                              select_layer: int) -> VisionConfig:
+    """A CLIP ViT's config read off its tensors (released Valley checkpoints name the tower by
+    a hub id only): width and patch size from the patch embedding, depth from the layer count,
+    image size from the position table, MLP width from fc1, heads = width / 64."""
+    import re
+    patch = shape(f"{prefix}embeddings.patch_embedding.weight")  # [width, 3, p, p]
+    positions = shape(f"{prefix}embeddings.position_embedding.weight")[0]  # patches + 1
+    width, p = patch[0], patch[-1]
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid != positions - 1:
+        raise ValueError(f"{prefix}embeddings.position_embedding.weight: {positions} rows is not "
+                         "a square grid of patches plus the class token")
+    layer_re = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    depth = len({m.group(1) for m in map(layer_re.match, keys) if m})
+    if width % CLIP_HEAD_DIM:
+        raise ValueError(f"{prefix}embeddings.patch_embedding.weight: width {width} is not a "
+                         f"multiple of {CLIP_HEAD_DIM}, so the number of heads cannot be inferred")
+    mlp = shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0]
+    return VisionConfig(image_size=grid * p, patch_size=p, width=width, depth=depth,
+                        heads=width // CLIP_HEAD_DIM, mlp_dim=mlp, select_layer=select_layer)
+
+
+def valley_config_from_hf(d: Mapping, keys, shape: Callable[[str], tuple], *, im_patch_id: int,
+                          vi_frame_id: int, num_frames: int = 8) -> ValleyConfig:
+    """The ValleyConfig of an authors'-layout checkpoint: its config.json `d` (LlamaConfig fields
+    plus mm_*), its tensor names `keys` and `shape(name)`. The vocabulary size comes from the
+    embedding tensor and the temporal variant from the keys, not from the config."""
+    keys = list(keys)
+    # The reference reads `getattr(config, "mm_vision_select_layer", -1)`.
+    select = d.get("mm_vision_select_layer", -1)
+    if d.get("mm_vision_config"):  # written by our own export: exact, for any CLIP
+        vision = vision_config_from_hf(d["mm_vision_config"], select)
+    else:
+        vision = vision_config_from_shapes(keys, shape, clip_prefix(keys, "model.vision_tower."),
+                                           select)
+    if d.get("mm_hidden_size") not in (None, vision.width):
+        raise ValueError(f"mm_hidden_size {d['mm_hidden_size']} does not match the vision tower's "
+                         f"width {vision.width}")
+    vocab = shape("model.embed_tokens.weight")[0]
+    if "lm_head.weight" in keys and shape("lm_head.weight")[0] != vocab:
+        raise ValueError(f"lm_head.weight has {shape('lm_head.weight')[0]} rows but "
+                         f"model.embed_tokens.weight has {vocab}")
+    llm = llama_config_from_hf({**d, "vocab_size": vocab})
+    temporal = temporal_from_keys(keys)
+    for flag, kind in (("use_patch_importance_pooling", "importance"),
+                       ("use_delta_transformer", "transformer")):
+        if d.get(flag) and temporal != kind:
+            raise ValueError(f"config.json sets {flag} but the checkpoint has no {kind!r} "
+                             f"temporal tensors (found a {temporal!r} Valley)")
+    extra = {}
+    if temporal == "transformer":
+        extra = dict(temporal_mlp_dim=shape(DELTA_ENCODER_PREFIX + "linear1.weight")[0],
+                     temporal_max_frames=shape("model.position_matrix")[0])
+    return ValleyConfig(vision=vision, llm=llm, temporal=temporal, num_frames=num_frames,
+                        im_patch_id=im_patch_id, vi_frame_id=vi_frame_id, **extra)
+
+
+def valley_config_to_hf(cfg: ValleyConfig, vision_tower: str) -> dict:
+    """config.json of the authors' ValleyLlamaForCausalLM. `vision_tower` is what their code
+    passes to CLIPVisionModel.from_pretrained (a hub id or folder); the tower's weights come from
+    the checkpoint. `mm_vision_config`, `im_patch_token` and `vi_frame_token` are ours: their code
+    ignores them, ours reads them back exactly."""
+    d = llama_config_to_hf(cfg.llm)
+    d.update(architectures=[VALLEY_ARCHITECTURE], model_type="valley",
+             mm_vision_tower=vision_tower, mm_hidden_size=cfg.vision.width,
+             mm_vision_select_layer=cfg.vision.select_layer, mm_use_im_start_end=True,
+             use_mm_proj=True, use_patch_importance_pooling=cfg.temporal == "importance",
+             use_delta_transformer=cfg.temporal == "transformer",
+             mm_vision_config=vision_config_to_hf(cfg.vision),
+             im_patch_token=cfg.im_patch_id, vi_frame_token=cfg.vi_frame_id)
+    return d
