@@ -1,0 +1,43 @@
+"""Stage 2 (instruction tuning): train projector, temporal module and LLM; the ViT frozen.
+
+    python -m valley_jax.train --config=configs/finetune.py:demo --workdir=DIR \
+        --config.init.checkpoint=STAGE1_WORKDIR/model
+    python -m valley_jax.train --config=configs/finetune.py:7b --workdir=DIR \
+        --config.init.checkpoint=STAGE1_WORKDIR/model --config.data.train=...
+
+Variants: demo, 7b, 13b (the reference recipe: lr 2e-5, warm-up 3 %, cosine, batch 1 x 8,
+3 epochs of LLaVA-Instruct-150K + VideoChat-11K + Valley-Instruct-73K, AdamW wd 0, bf16), and
+`lora` appended (e.g. `7b,lora`): LoRA r 16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down.
+"""
+
+from valley_jax import run_config
+
+
+def get_config(arg: str = "7b"):
+    variant, *flags = arg.split(",")
+    c = run_config.base("finetune")
+    c.optim.lr, c.optim.b2, c.optim.weight_decay = 2e-5, 0.999, 0.0
+    c.batch_size = 8
+    c.data.max_length = 2048
+    # (150K + 11K + 73K) samples, three epochs at a global batch of 8.
+    c.total_steps = 3 * (157_712 + 11_000 + 73_000) // 8
+    c.eval_every = c.checkpoint_every = 2000
+    if variant == "demo":
+        run_config.demo(c)
+        c.total_steps = 400
+        c.optim.lr = 1e-3
+        c.optim.weight_decay = 0.0
+        c.eval_every = c.checkpoint_every = 200
+        c.model.train_vision = True  # the demo's ViT is random, not pretrained CLIP: let it learn
+        c.data.train = [dict(path="{data}/stage2.json", video_root="{data}", image_root="{data}")]
+        c.data.val = [dict(path="{data}/val.json", video_root="{data}", image_root="{data}")]
+        c.eval.qa = ["{data}/val.json", "{data}/val_novel.json"]
+    elif variant in ("7b", "13b"):
+        c.model.preset = variant
+        c.mesh.data, c.mesh.fsdp = 1, -1
+    else:
+        raise ValueError(f"unknown variant {variant!r}: demo, 7b or 13b")
+    if "lora" in flags:
+        c.stage = "lora"
+        c.optim.lr = 2e-4
+    return c

@@ -1,0 +1,34 @@
+"""Stage 1 (alignment): train the projector and the new token embeddings; ViT and LLM frozen.
+
+    python -m valley_jax.train --config=configs/pretrain.py:demo --workdir=DIR
+    python -m valley_jax.train --config=configs/pretrain.py:7b --workdir=DIR \
+        --config.init.vision=CLIP_DIR --config.init.llm=VICUNA_DIR --config.data.train=...
+
+Variants: demo (CPU, synthetic data), 7b, 13b (the reference recipe: lr 2e-3, warm-up 3 %,
+cosine, batch 16 x 8, one epoch of LLaVA-CC3M-595K + WebVid-703K, AdamW b=(0.9, 0.95), wd 0).
+"""
+
+from valley_jax import run_config
+
+
+def get_config(arg: str = "7b"):
+    c = run_config.base("pretrain")
+    c.optim.lr, c.optim.b2, c.optim.weight_decay = 2e-3, 0.95, 0.0
+    c.batch_size = 128
+    c.data.max_length = 2048
+    # 595K + 703K samples, one epoch at a global batch of 128.
+    c.total_steps = (595_375 + 703_000) // 128
+    c.eval_every = c.checkpoint_every = 1000
+    if arg == "demo":
+        run_config.demo(c)
+        c.total_steps = 60
+        c.optim.lr = 2e-3
+        c.eval_every = c.checkpoint_every = 30
+        c.data.train = [dict(path="{data}/stage1.json", video_root="{data}", image_root="{data}")]
+        c.data.val = [dict(path="{data}/val.json", video_root="{data}", image_root="{data}")]
+    elif arg in ("7b", "13b"):
+        c.model.preset = arg
+        c.mesh.data, c.mesh.fsdp = 1, -1
+    else:
+        raise ValueError(f"unknown variant {arg!r}: demo, 7b or 13b")
+    return c

@@ -1,0 +1,76 @@
+"""The fields of a training run and their defaults, shared by configs/pretrain.py and
+configs/finetune.py (which set each stage's recipe and variants). A run is described by its
+ConfigDict alone; the trainer saves it in the workdir."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage  # pretrain | finetune | lora
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every = 10
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.batch_size = 128  # global, over all processes
+    c.micro_batches = 1  # gradient accumulation inside the step
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.model = ml_collections.ConfigDict(dict(
+        preset="7b",  # demo | 7b | 13b (sizes); token ids and vocabulary come from the tokenizer
+        temporal="mean",  # mean (v1) | importance (v2) | transformer (v3)
+        num_frames=8,
+        dtype="bfloat16",  # compute
+        param_dtype="float32",  # master weights
+        scan_layers=True,
+        remat="full",  # none | full | dots | dots_no_batch
+        train_vision=False,
+        lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,  # stage 'lora' only
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=2e-3, warmup_ratio=0.03, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0))
+
+    c.data = ml_collections.ConfigDict(dict(
+        # Each: path (JSON / JSONL / prepared ArrayRecord folder), video_root, image_root, weight.
+        train=[], val=[],
+        tokenizer="",  # default: the tokenizer of init.llm or init.checkpoint
+        max_length=2048,
+        frame_mode="fixed",  # fixed | fps
+        image_size=224, resize_size=256,
+        num_workers=2,
+        val_batches=4,  # held-out loss over this many batches
+        synthetic=False,  # generate the synthetic world into WORKDIR/data when absent (demo)
+        synthetic_num_train=1500,
+    ))
+
+    c.init = ml_collections.ConfigDict(dict(
+        vision="",  # Hugging Face CLIP folder (stage 1)
+        llm="",  # Hugging Face LLaMA / Vicuna folder (stage 1)
+        checkpoint="",  # a valley_jax model checkpoint (a stage-1 workdir's `model/`, or convert's)
+    ))
+
+    # Demo evaluation: answer accuracy per question type by greedy generation on these splits.
+    c.eval = ml_collections.ConfigDict(dict(qa=[], max_new_tokens=8, max_items=200, batch_size=32))
+    return c
+
+
+def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU demo: tiny model, synthetic data generated into the workdir, minutes to run."""
+    c.model.preset = "demo"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.model.num_frames = 8
+    c.batch_size = 16
+    c.mesh.data = -1
+    c.data.synthetic = True
+    c.data.image_size, c.data.resize_size = 112, 128
+    c.data.max_length = 256
+    c.data.num_workers = 2
+    c.log_every = 10
+    return c
