@@ -63,7 +63,8 @@ def test_llama_logits_match_transformers(tmp_path, kv_heads, rope):
     model = ref.tiny_llama(**kw)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    ours = hf.load_llama(tmp_path)
+    # Blocks of 8 over 24 tokens: the blockwise causal attention is exercised too.
+    ours = hf.load_llama(tmp_path, Policy(attention_block=8))
     assert ours.cfg.kv_heads == kv_heads
     assert ours.cfg.rope_theta == (rope or {}).get("rope_theta", saved.get("rope_theta", 10000.0))
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valley_jax.config import LlamaConfig
-from valley_jax.layers import Dense, Policy, RMSNorm, attention, normal, param, run_stacked, stacked
+from valley_jax.layers import (Dense, Policy, RMSNorm, attention, causal_attention, normal, param,
+                               run_stacked, stacked)
 from valley_jax.sharding import constrain
 
 
@@ -65,6 +66,7 @@ class DecoderLayer(nnx.Module):
             adapter = lora if lora is not None and name in lora.targets else None
             return Dense(i, o, ia, oa, use_bias=False, policy=policy, rngs=rngs, lora=adapter)
 
+        self.policy = policy
         self.attn_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
         self.q = dense("q", (e,), (h, hd), ("embed",), ("heads", "head_dim"))
         self.k = dense("k", (e,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
@@ -76,8 +78,9 @@ class DecoderLayer(nnx.Module):
         self.down = dense("down", (m,), (e,), ("mlp",), ("embed",))
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, index=None, rng=None):
-        """x: [B, T, E]. Without `kv`, attends over x itself; with `kv` = (k, v) of this layer's
-        cache slots [B, S, K, D], writes the new keys/values at slot `index` first. `rng`: LoRA
+        """x: [B, T, E]. Without `kv`, attends causally over x itself (`mask` [B, T]: False at
+        padding); with `kv` = (k, v) of this layer's cache slots [B, S, K, D], writes the new
+        keys/values at slot `index` first and attends by `mask` [B, 1, T, S]. `rng`: LoRA
         dropout key (None = deterministic)."""
         r = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         y = self.attn_norm(x)
@@ -87,7 +90,11 @@ class DecoderLayer(nnx.Module):
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        x = x + self.o(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask), r[3])
+        if kv is None:
+            y = causal_attention(q, k, v, mask, self.policy.attention_block)
+        else:
+            y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        x = x + self.o(y, r[3])
         y = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(y, r[4])) * self.up(y, r[5]), r[6])
         return x, (k, v)
@@ -120,18 +127,17 @@ class Llama(nnx.Module):
         inv_freq = rope_frequencies(self.cfg)
         t = x.shape[1]
         if cache is None:
-            q_slot = k_slot = jnp.arange(t)
-            key_ok = token_mask
-            index = None
+            index, key_ok = None, token_mask
+            mask = token_mask  # causal attention over x itself, blockwise (layers.causal_attention)
         else:
             index = cache["index"]
             q_slot = index + jnp.arange(t)
             k_slot = jnp.arange(cache["mask"].shape[1])
             key_ok = jax.lax.dynamic_update_slice_in_dim(cache["mask"], token_mask, index, axis=1)
-        causal = k_slot[None, :] <= q_slot[:, None]
-        # A query always sees itself, so rows of padding never softmax over nothing.
-        mask = (causal[None] & key_ok[:, None, :]) | (k_slot[None, None, :] == q_slot[None, :, None])
-        mask = mask[:, None]  # [B, 1, T, S]
+            causal = k_slot[None, :] <= q_slot[:, None]
+            # A query always sees itself, so rows of padding never softmax over nothing.
+            mask = (causal[None] & key_ok[:, None, :]) | (k_slot[None, None, :] == q_slot[None, :, None])
+            mask = mask[:, None]  # [B, 1, T, S]
 
         def body(layer, h, xs):
             kv, layer_rng = xs
