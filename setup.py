@@ -20,7 +20,9 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "safetensors==0.8.0",
     "numpy>=2.0,<3",
-    "pillow",
+    "pillow==13.0.0",
+    # cv2's bilinear resize is the reference's video resize (valley/data/video_transform.py).
+    "opencv-python-headless==4.13.0.92",
     "tensorboardX==2.6.5",
     "tqdm",
     "absl-py",

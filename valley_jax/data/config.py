@@ -50,6 +50,8 @@ class DataConfig:
     # Global batch size; each of the jax processes loads batch_size // process_count of it.
     batch_size: int = 8
     seed: int = 0
+    # Off only for evaluation or debugging: records then come in file order.
+    shuffle: bool = True
     # None repeats the data forever (each epoch shuffled anew).
     num_epochs: int | None = None
     # Worker processes (grain mp_prefetch); 0 runs everything in the calling process.

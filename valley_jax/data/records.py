@@ -52,39 +52,43 @@ class Record:
     conversations: tuple[tuple[str, str], ...]  # (from, value), as in the file
 
 
-def parse_record(raw: bytes) -> Record:
-    record = json.loads(raw)
+def record_id(record) -> str:
+    """The record's `id` for logs; "?" when it has none."""
+    return str(record.get("id", "?")) if isinstance(record, dict) else "?"
+
+
+def parse_record(record) -> Record:
+    """A decoded JSON record -> Record, or a SkipRecord saying what is wrong with it."""
     if not isinstance(record, dict):
         raise SkipRecord("bad_record", f"not a JSON object: {type(record).__name__}")
-    record_id = str(record.get("id", ""))
 
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
-        raise SkipRecord("no_conversations", record_id)
+        raise SkipRecord("no_conversations")
     turns = []
     for turn in conversations:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise SkipRecord("bad_conversation", f"{record_id}: turn without a text value")
+            raise SkipRecord("bad_conversation", "a turn without a text value")
         turns.append((str(turn.get("from", "")), turn["value"]))
 
     media_kinds = [kind for kind in MEDIA_KINDS if kind in record]
     if len(media_kinds) > 1:
-        raise SkipRecord("bad_record", f"{record_id}: both a video and an image")
+        raise SkipRecord("bad_record", "both a video and an image")
     media_kind = media_kinds[0] if media_kinds else None
     media_path = ""
     if media_kind is not None:
         media_path = record[media_kind]
         if not isinstance(media_path, str) or not media_path:
-            raise SkipRecord("bad_record", f"{record_id}: {media_kind} is not a path")
+            raise SkipRecord("bad_record", f"{media_kind} is not a path")
         # The reference appends .mp4 to video names given without an extension (webvid ids).
         if media_kind == "video" and not os.path.splitext(media_path)[1]:
             media_path += ".mp4"
         source = record.get("source")
         if source:
             if not isinstance(source, str):
-                raise SkipRecord("bad_record", f"{record_id}: source is not a folder name")
+                raise SkipRecord("bad_record", "source is not a folder name")
             media_path = os.path.join(source, media_path)
-    return Record(record_id, media_kind, media_path, tuple(turns))
+    return Record(record_id(record), media_kind, media_path, tuple(turns))
 
 
 def resolve_media_path(root: str, relative_path: str) -> str:
