@@ -131,3 +131,42 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, t
     got = final_params(workdir)
     for p in want:
         assert np.array_equal(got[p], want[p]), p
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """Two processes with 4 CPU devices each (jax.distributed, local coordinator) train like one
+    process with 8 devices: the global batches hold the same records, so the losses and final
+    parameters agree up to the order of float reductions."""
+    import socket
+    common = ["--config.total_steps=3", "--config.checkpoint_every=3", "--config.log_every=1",
+              "--config.batch_size=8", "--config.mesh.data=-1"]
+    one = str(tmp_path / "one")
+    e = env()
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    out = subprocess.run(train_cmd(one, *common), cwd=ROOT, env=e, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    two = str(tmp_path / "two")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        e = env()
+        e.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(train_cmd(two, *common), cwd=ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 processes, 8 devices" in logs[0]
+
+    def losses(workdir):
+        lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+        return [l["loss"] for l in lines if l["kind"] == "train"]
+
+    assert np.allclose(losses(one), losses(two), atol=1e-5, rtol=0)
+    want, got = final_params(one), final_params(two)
+    assert max(float(np.max(np.abs(got[p] - want[p]))) for p in want) < 1e-5

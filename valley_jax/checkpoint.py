@@ -71,12 +71,15 @@ def _write_meta(path, cfg: config_lib.ValleyConfig, tokenizer, source) -> None:
 
 
 def save_model(path, model: Valley, tokenizer_dir=None) -> None:
-    """Writes a model checkpoint folder (replacing one that is there)."""
-    path = _fresh_folder(path)
+    """Writes a model checkpoint folder (replacing one that is there). In a multi-process run
+    every process calls it (orbax's save is collective); process 0 writes the files."""
+    primary = jax.process_index() == 0
+    path = _fresh_folder(path) if primary else os.path.abspath(os.fspath(path))
     flat = {p: v[...] for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "state"), _nested({tuple(p): v for p, v in flat.items()}))
-    _write_meta(path, model.cfg, tokenizer_dir, None)
+    if primary:
+        _write_meta(path, model.cfg, tokenizer_dir, None)
 
 
 def _numpy_registry():

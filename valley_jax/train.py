@@ -51,6 +51,9 @@ def maybe_initialize_distributed() -> None:
     """Joins a multi-process run when the environment describes one (TPU pod slices, SLURM,
     or an explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
     env = os.environ
+    if "cpu" in env.get("JAX_PLATFORMS", ""):
+        # CPU processes need a collectives backend to talk to each other (tests, CPU clusters).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if env.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
@@ -392,7 +395,6 @@ def train(config, workdir: str) -> dict:
     val_dcfg = data_config(config, config.data.val or config.data.train, data, tok_path,
                            cfg.vision.num_patches, train=False)
     model = build_model(config, cfg, policy, init_checkpoint)
-    graphdef, params, axes, param_paths = step_lib.split_model(model)
 
     # Optimizer and step.
     setup = build_step(config, cfg, model, mesh, new_token_rows_from(tokenizer, ids))
@@ -490,9 +492,9 @@ def train(config, workdir: str) -> dict:
         results = evaluate_now(step)
         # The trained model, in the format chat / evaluation / stage 2 read.
         final = step_lib.merge_model(graphdef, host_params(state.params))
-        if jax.process_index() == 0:
-            model_ckpt.save_model(os.path.join(workdir, "model"), final, tok_path)
-            log.info("model written to %s", os.path.join(workdir, "model"))
+        model_ckpt.save_model(os.path.join(workdir, "model"), final, tok_path)
+        _barrier("model-written")  # no process leaves (and shuts the cluster down) before it
+        log.info("model written to %s", os.path.join(workdir, "model"))
     finally:
         loader.close()
         mngr.close()
