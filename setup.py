@@ -32,7 +32,11 @@ EXTRAS = {
     # torch is the numerical reference in the tests; 2.13.0 is the CPU build this project pins.
     "test": ["pytest==9.0.3", "torch==2.13.0",
              # the evaluation notebook runs top to bottom in the tests
-             "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+             "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2",
+             # the interactive chat is tested in a pseudo-terminal
+             "pexpect==4.8.0"],
+    # libtpu: runs on TPU VMs, and compiles for any TPU topology on a CPU host (valley_jax.aot;
+    # its tests need it, so CI installs it).
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],
 }

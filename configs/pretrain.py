@@ -29,6 +29,10 @@ def get_config(arg: str = "7b"):
     elif arg in ("7b", "13b"):
         c.model.preset = arg
         c.mesh.data, c.mesh.fsdp = 1, -1
+        if arg == "13b":
+            # 32 rows per chip on a v5p-8 need 98.5 GiB of its 95 GiB; two micro-batches of 16
+            # need 59 (docs/scaling.md, measured with python -m valley_jax.aot).
+            c.micro_batches = 2
     else:
         raise ValueError(f"unknown variant {arg!r}: demo, 7b or 13b")
     return c

@@ -18,7 +18,7 @@ import numpy as np
 
 from valley_jax import tokens
 from valley_jax.data import frames as frames_lib
-from valley_jax.data.records import parse_record, resolve_media_path
+from valley_jax.data.records import parse_record, read_records, resolve_media_path
 from valley_jax.data.text import format_v1
 from valley_jax.generate import SamplingConfig, cut_at_stop, generate
 
@@ -37,11 +37,11 @@ def score(prediction: str, answer: str) -> dict:
 
 
 def qa_items(path: str, max_items: int | None = None) -> list[dict]:
-    """One item per QA turn: {id, qtype, turns (history + question), answer, media}."""
-    with open(path) as f:
-        records = json.load(f)
+    """One item per QA turn of a Valley JSON (`.json` list or `.jsonl`) file: {id, qtype,
+    history (earlier turns), question, answer, media_kind, media_path}."""
     items = []
-    for raw in records:
+    for line in read_records(path):
+        raw = json.loads(line)
         record = parse_record(raw)
         conv = list(record.conversations)
         for k in range(0, len(conv) - 1, 2):
@@ -54,13 +54,27 @@ def qa_items(path: str, max_items: int | None = None) -> list[dict]:
     return items
 
 
-def prompt_text(item: dict, num_frames: int, num_patches: int) -> str:
+def prompt_text(item: dict, num_frames: int, num_patches: int, legacy: bool = False) -> str:
     """The v1 prompt up to and including "### Assistant:" (the answer's leading space is the
-    model's to generate, as in training)."""
+    model's to generate, as in training).
+
+    legacy: the authors' inference prompt instead (valley/model/valley_model.py `build_inputs`,
+    as `valley_jax.chat` writes it with `legacy=True`): `{SYSTEM_INFERENCE}\n\n### Human: {q}
+    \n###`, earlier turns as ` Human: {q} \n### Assistent: {a} \n###` (their spelling).
+    """
     media = tokens.media_tokens(num_frames, num_patches) if num_frames else None
     conv = item["history"] + (("human", item["question"]), ("gpt", ""))
     if media is not None and not any(tokens.VIDEO in v or tokens.IMAGE in v for _, v in conv):
         media = None
+    if legacy:
+        def expand(text):
+            block = media or ""
+            return text.replace(tokens.VIDEO, block).replace(tokens.IMAGE, block)
+
+        text = tokens.SYSTEM_INFERENCE + "\n\n" + tokens.SEP
+        for (_, q), (_, a) in zip(item["history"][0::2], item["history"][1::2]):
+            text += f" Human: {expand(q)} \n{tokens.SEP} Assistent: {a} \n{tokens.SEP}"
+        return text + f" Human: {expand(item['question'])} \n{tokens.SEP}"
     prompt = format_v1(conv, media)
     return prompt.text[: prompt.answer_spans[-1][0] - 1]
 
@@ -92,17 +106,23 @@ def stop_ids(tokenizer, stop: str = "\n" + tokens.SEP) -> list[int]:
 
 
 def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch_size: int = 16,
-           max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers for QA items (batched; prompts of different lengths together)."""
+           max_new_tokens: int = 16, legacy: bool = False) -> list[str]:
+    """Greedy answers for QA items (batched; prompts of different lengths together).
+
+    legacy: the authors' inference prompt and response clean-up (see `prompt_text`)."""
     stop = stop_ids(tokenizer)
+    if legacy:
+        from valley_jax.chat import clean_legacy as clean
+    else:
+        clean = cut_at_stop
     predictions = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         media = [load_media(it, data_config, root) for it in chunk]
         prompts = []
         for it, (_, mask) in zip(chunk, media):
-            ids = tokenizer.encode(prompt_text(it, int(mask.sum()), data_config.num_patches),
-                                   add_special_tokens=False)
+            ids = tokenizer.encode(prompt_text(it, int(mask.sum()), data_config.num_patches,
+                                               legacy), add_special_tokens=False)
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             prompts.append(np.asarray(bos + ids, np.int32))
         frames = np.stack([m[0] for m in media])
@@ -110,7 +130,7 @@ def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch
         out = generate(model, prompts, frames, frame_mask,
                        sampling=SamplingConfig(max_new_tokens=max_new_tokens),
                        eos_id=tokenizer.eos_token_id, stop_sequences=[stop])
-        predictions += [cut_at_stop(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
+        predictions += [clean(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
     return predictions
 
 
@@ -119,7 +139,7 @@ def accuracy(items: Iterable[dict], predictions: Iterable[str]) -> dict:
     sums = collections.defaultdict(lambda: collections.Counter())
     for it, pred in zip(items, predictions):
         s = score(pred, it["answer"])
-        for key in (it["qtype"], "all"):
+        for key in {it["qtype"], "all"}:  # a set: an item of qtype "all" counts once
             sums[key]["exact"] += s["exact"]
             sums[key]["contains"] += s["contains"]
             sums[key]["n"] += 1
