@@ -393,6 +393,24 @@ def test_to_hf_reads_a_checkpoint_saved_from_a_model(hf_models, tmp_path):
             assert_bitwise(second[name], first[name], name)
 
 
+def test_trainer_checkpoint_tokenizer_gets_valley_tokens(hf_models, tmp_path):
+    """The trainer saves its model with the plain data tokenizer folder (no Valley tokens):
+    the checkpoint's tokenizer must hold them at the model's ids, and its `valley` export must
+    load back with from-valley."""
+    model = checkpoint.load_model(hf_models / "ckpt")
+    checkpoint.save_model(tmp_path / "trained", model, hf_models / "llama")  # 120 tokens, plain
+    tok = AutoTokenizer.from_pretrained(checkpoint.tokenizer_dir(tmp_path / "trained"))
+    assert len(tok) == 127
+    assert tok.convert_tokens_to_ids(tokens.IM_PATCH) == model.cfg.im_patch_id == 124
+    assert tok.convert_tokens_to_ids(tokens.VI_FRAME) == model.cfg.vi_frame_id == 121
+    assert "config.json" not in os.listdir(checkpoint.tokenizer_dir(tmp_path / "trained"))
+    assert convert.main(["to-hf", "--checkpoint", str(tmp_path / "trained"),
+                         "--out", str(tmp_path / "valley"), "--format", "valley"]) == 0
+    assert convert.main(["from-valley", "--model", str(tmp_path / "valley"),
+                         "--out", str(tmp_path / "back")]) == 0
+    assert checkpoint.load_config(tmp_path / "back") == model.cfg
+
+
 def test_to_hf_merges_lora_adapters(hf_models, tmp_path):
     """A stage-2 LoRA checkpoint is published with its adapters folded into the kernels."""
     import dataclasses

@@ -15,6 +15,8 @@ found by compiling (doubling, then bisection).
 TPU targets need libtpu (`pip install 'jax[tpu]==0.10.2'`). GPU targets need the CUDA PJRT
 plugin (`pip install jax-cuda12-pjrt==0.10.2 jax-cuda12-plugin==0.10.2`), but neither a GPU nor
 the CUDA libraries: the plugin compiles for a device described by a target config.
+
+--config and its --config.FIELD=VALUE overrides are the trainer's (see --helpfull).
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ TPU_ALIASES = {"v5litepod": "v5e"}
 
 # An H100 SXM as the CUDA plugin's compiler sees it (a GpuTargetConfigProto in text form; the
 # values are those XLA records for this GPU in xla/backends/gpu/target_config/specs/h100_sxm).
-H100_TARGET_CONFIG = """
-gpu_device_info {
+H100_HBM = 84942979072  # bytes: 80 GB
+H100_TARGET_CONFIG = f"""
+gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
   shared_memory_per_block: 49152
@@ -117,17 +120,17 @@ gpu_device_info {
   memory_bandwidth: 3352320000000
   l2_cache_size: 52428800
   clock_rate_ghz: 1.98
-  device_memory_size: 84942979072
+  device_memory_size: {H100_HBM}
   shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 }
+  cuda_compute_capability {{ major: 9 }}
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
-}
+}}
 platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 10 }
+dnn_version_info {{ major: 9 minor: 10 }}
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
-GPUS = {"h100": (H100_TARGET_CONFIG, 84942979072, 989e12, 8)}  # config, HBM, peak, GPUs per host
+GPUS = {"h100": (H100_TARGET_CONFIG, H100_HBM, 989e12, 8)}  # config, HBM, peak, GPUs per host
 # JAX's share of GPU memory under launch/gpu/run.sh (XLA_PYTHON_CLIENT_MEM_FRACTION): NCCL and
 # the CUDA libraries need the rest.
 GPU_MEMORY_FRACTION = 0.9
@@ -419,7 +422,10 @@ def main(argv) -> None:
     if not _TOPOLOGY.value:
         raise app.UsageError("--topology is required (e.g. v5p-8)")
     config = flags.FLAGS.config
-    target = parse_target(_TOPOLOGY.value)
+    try:
+        target = parse_target(_TOPOLOGY.value)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     devices = target_devices(target)
     result = dict(config=flags.FLAGS["config"].serialize().split("=", 1)[-1],
                   overrides=config_flags.get_override_values(flags.FLAGS["config"]),

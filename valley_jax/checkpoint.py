@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from valley_jax import config as config_lib
-from valley_jax import hf
+from valley_jax import hf, tokens
 from valley_jax.layers import Policy
 from valley_jax.valley import Valley
 
@@ -60,8 +60,13 @@ def _fresh_folder(path) -> str:
 
 def _write_meta(path, cfg: config_lib.ValleyConfig, tokenizer, source) -> None:
     if isinstance(tokenizer, (str, os.PathLike)):
-        shutil.copytree(tokenizer, os.path.join(path, "tokenizer"))
-    elif tokenizer is not None:
+        # A plain LLaMA tokenizer folder (the trainer's data tokenizer): saved with Valley's
+        # tokens added, at the ids the model was built with, so that the checkpoint is whole.
+        import transformers
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer),
+                                                               local_files_only=True)
+        tokens.add_valley_tokens(tokenizer)
+    if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     meta = {"format": FORMAT, "model": config_lib.to_dict(cfg)}
     if source:

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valley_jax.config import VisionConfig
-from valley_jax.layers import Dense, LayerNorm, Policy, normal, param, run_stacked, stacked
+from valley_jax.layers import (Dense, LayerNorm, Policy, attention, normal, param, run_stacked,
+                               stacked)
 from valley_jax.sharding import constrain
 
 
@@ -22,6 +23,7 @@ class EncoderLayer(nnx.Module):
         d, h = cfg.width, cfg.heads
         hd = d // h
         self.scale = hd ** -0.5
+        self.chunk_bytes = policy.cpu_attention_chunk_bytes
         qkv = lambda: Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=True,  # noqa: E731
                             policy=policy, rngs=rngs)
         self.ln1 = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
@@ -36,7 +38,8 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x):
         y = self.ln1(x)
-        y = jax.nn.dot_product_attention(self.q(y), self.k(y), self.v(y), scale=self.scale)
+        y = attention(self.q(y), self.k(y), self.v(y), scale=self.scale,
+                      chunk_bytes=self.chunk_bytes)
         x = x + self.o(y)
         return x + self.fc2(quick_gelu(self.fc1(self.ln2(x))))
 
@@ -61,19 +64,32 @@ class CLIPVision(nnx.Module):
         self.layers = stacked(lambda r: EncoderLayer(cfg, policy, r), cfg.depth, rngs)
         self.post_ln = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
 
-    def embed(self, pixels):
-        """pixels: [N, H, W, 3] normalised -> [N, 1 + num_patches, width] before pre_layrnorm."""
+    def patchify(self, images):
+        """[N, H, W, 3] -> [N, num_patches, p * p * 3], each patch flattened as (row, column,
+        channel): the patch embedding is then one matmul (the same sums as the stride-p
+        convolution). Any dtype: Valley patchifies uint8 frames before normalising them, a
+        quarter of the bytes to move."""
+        n, h, w, c = images.shape
+        p = self.cfg.patch_size
+        x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+    def embed(self, patches):
+        """Normalised patches [N, num_patches, p * p * 3] -> [N, 1 + num_patches, width] before
+        pre_layrnorm."""
         dtype = self.policy.dtype
-        x = jax.lax.conv_general_dilated(
-            pixels.astype(dtype), self.patch_embed[...].astype(dtype),
-            window_strides=(self.cfg.patch_size,) * 2, padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        kernel = self.patch_embed[...].astype(dtype)
+        x = jnp.einsum("npk,kd->npd", patches.astype(dtype), kernel.reshape(-1, kernel.shape[-1]))
         cls = jnp.broadcast_to(self.class_embed[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
         return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(dtype)
 
     def __call__(self, pixels):
-        x = self.pre_ln(self.embed(pixels))
+        """Normalised pixels [N, H, W, 3] -> the selected hidden state [N, 1 + num_patches, width]."""
+        return self.encode(self.patchify(pixels))
+
+    def encode(self, patches):
+        """Normalised patches (see `patchify`) -> the selected hidden state."""
+        x = self.pre_ln(self.embed(patches))
         n = self.cfg.layers_to_run
         if n == 0:
             return x

@@ -266,12 +266,13 @@ def _decode_forward(llm, token, pos, cache):
 
     Decoding keeps its own cache layout, k and v [layers, B, kv_heads, slots, head_dim], and
     threads the whole cache through the layer scan as carry. `Llama.__call__` passes each
-    layer's [B, slots, kv_heads, head_dim] slab in and out of the scan and attends over it in
-    that layout: per token, every layer's cache is copied and transposed several times, which
-    made a step's time grow with the cache (8x at batch 8 from 128 to 2048 slots, 3-6x the
-    time of this step; BENCHMARKS.md "Generation"). Here a step writes one slot in place and the
-    attention contracts the cache in the order it is stored. The arithmetic is the layer's
-    own (its norms, projections and RoPE); tests/test_generate.py holds it to the full forward.
+    layer's [B, slots, kv_heads, head_dim] slab in and out of the scan as xs/ys and attends over
+    it in that layout, so every token copies (and transposes) the whole cache: a step's time
+    grew with the cache length (58M decoder, batch 8: 80-100 ms at 128 slots, 0.9-1.3 s at
+    2048; this step: 30-36 ms and 0.18-0.26 s; BENCHMARKS.md "Generation"). Here a step writes
+    one slot in place and the attention contracts the cache in the order it is stored. The
+    arithmetic is the layer's own (its norms, projections and RoPE); tests/test_generate.py
+    holds it to the full forward.
     """
     cfg = llm.cfg
     b, groups = token.shape[0], cfg.heads // cfg.kv_heads

@@ -91,9 +91,11 @@ class DecoderLayer(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         if kv is None:
-            y = causal_attention(q, k, v, mask, self.policy.attention_block)
+            y = causal_attention(q, k, v, mask, self.policy.attention_block,
+                                 chunk_bytes=self.policy.cpu_attention_chunk_bytes)
         else:
-            y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                          chunk_bytes=self.policy.cpu_attention_chunk_bytes)
         x = x + self.o(y, r[3])
         y = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(y, r[4])) * self.up(y, r[5]), r[6])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from valley_jax.clip import CLIPVision
@@ -35,12 +36,16 @@ class Valley(nnx.Module):
         self.llm = Llama(cfg.llm, policy, rngs=rngs)
 
     def normalize(self, frames):
-        """uint8 RGB [..., H, W, 3] -> CLIP-normalised pixels in the compute dtype."""
+        """uint8 RGB [..., 3] -> CLIP-normalised values in the compute dtype. The last axis may
+        also be a flattened patch whose channel runs fastest ([..., p * p * 3])."""
         if frames.dtype != jnp.uint8:
             raise TypeError(f"frames must be uint8 RGB, got {frames.dtype}")
-        mean = jnp.asarray(self.cfg.pixel_mean, jnp.float32)
-        std = jnp.asarray(self.cfg.pixel_std, jnp.float32)
-        return ((frames.astype(jnp.float32) / 255.0 - mean) / std).astype(self.policy.dtype)
+        reps = frames.shape[-1] // 3
+        mean, std = np.asarray(self.cfg.pixel_mean), np.asarray(self.cfg.pixel_std)
+        # (x / 255 - mean) / std as one multiply-add: divisions cost more than the data movement.
+        scale = jnp.asarray(np.tile(1 / (255 * std), reps), jnp.float32)
+        shift = jnp.asarray(np.tile(mean / std, reps), jnp.float32)
+        return (frames.astype(jnp.float32) * scale - shift).astype(self.policy.dtype)
 
     def encode_media(self, frames, frame_mask, *, rng=None, train_vision: bool = False):
         """frames: uint8 [B, T, S, S, 3]; frame_mask: bool [B, T].
@@ -48,7 +53,9 @@ class Valley(nnx.Module):
         Returns merged patches [B, N, H] and per-frame tokens [B, T, H]."""
         b, t = frames.shape[:2]
         # Frames are folded into the batch axis for the ViT and unfolded after.
-        feats = self.vision(self.normalize(frames.reshape((b * t,) + frames.shape[2:])))
+        # Patchified while still uint8, then normalised patch by patch (BENCHMARKS.md, "Train step").
+        patches = self.vision.patchify(frames.reshape((b * t,) + frames.shape[2:]))
+        feats = self.vision.encode(self.normalize(patches))
         if not train_vision:
             feats = jax.lax.stop_gradient(feats)
         feats = self.projector(feats)
