@@ -24,12 +24,16 @@ def get_config(arg: str = "7b"):
     c.eval_every = c.checkpoint_every = 2000
     if variant == "demo":
         run_config.demo(c)
-        c.total_steps = 400
+        c.total_steps = 1400
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0
-        c.eval_every = c.checkpoint_every = 200
+        c.eval_every = c.checkpoint_every = 350
         c.model.train_vision = True  # the demo's ViT is random, not pretrained CLIP: let it learn
-        c.data.train = [dict(path="{data}/stage2.json", video_root="{data}", image_root="{data}")]
+        # Question answering mixed 1:1 with the stage-1 captions of the same scenes, as Valley's
+        # stage 2 mixes instruction sets: a caption names every shape's colour, shape and motion,
+        # several supervised words per clip where an answer gives one.
+        c.data.train = [dict(path="{data}/stage2.json", video_root="{data}", image_root="{data}"),
+                        dict(path="{data}/stage1.json", video_root="{data}", image_root="{data}")]
         c.data.val = [dict(path="{data}/val.json", video_root="{data}", image_root="{data}")]
         c.eval.qa = ["{data}/val.json", "{data}/val_novel.json"]
     elif variant in ("7b", "13b"):

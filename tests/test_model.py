@@ -203,3 +203,20 @@ def test_real_size_parameter_counts(name, llm_params):
     assert abs(llm / llm_params - 1) < 0.005, llm
     assert count(nnx.state(model.projector, nnx.Param)) == 1024 * cfg.llm.hidden + cfg.llm.hidden
     assert cfg.vision.num_patches == 256 and cfg.vision.layers_to_run == 23
+
+
+def test_fresh_weights_follow_init_std():
+    """Real-size presets keep CLIP's and LLaMA's 0.02; the demo, trained from scratch, draws its
+    narrow towers at width ** -0.5. Configs saved before the field existed still load."""
+    assert preset("7b").vision.init_std == preset("7b").llm.init_std == 0.02
+    cfg = preset("demo")
+    model = Valley(cfg, rngs=nnx.Rngs(0))
+    for weights, std in [(model.vision.layers.fc1.kernel, 64 ** -0.5),
+                         (model.vision.patch_embed, 64 ** -0.5),
+                         (model.llm.layers.q.kernel, 128 ** -0.5),
+                         (model.llm.embed, 128 ** -0.5)]:
+        assert float(np.std(np.asarray(weights[...]))) == pytest.approx(std, rel=0.05)
+    from valley_jax.config import from_dict, to_dict
+    old = to_dict(cfg)
+    del old["vision"]["init_std"], old["llm"]["init_std"]
+    assert from_dict(old).llm.init_std == 0.02

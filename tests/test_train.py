@@ -170,3 +170,23 @@ def test_two_processes_equal_one_process(tmp_path):
     assert np.allclose(losses(one), losses(two), atol=1e-5, rtol=0)
     want, got = final_params(one), final_params(two)
     assert max(float(np.max(np.abs(got[p] - want[p]))) for p in want) < 1e-5
+
+
+def test_dataset_lists_override_from_the_command_line():
+    """`--config.data.train='[{...}, ...]'` (the README's form) sets the datasets of a run."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from valley_jax import train
+
+    argv = ["train", f"--config={os.path.join(ROOT, 'configs/finetune.py')}:7b",
+            '--config.data.train=[{"path": "a.json", "video_root": "/v"}, {"path": "b.json", "weight": 2}]',
+            '--config.eval.qa=["q.json"]']
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    config = fv.config
+    specs = train.data_config(config, config.data.train, "", "tok", 256, train=True).datasets
+    assert [(s.path, s.video_root, s.weight) for s in specs] == [("a.json", "/v", 1.0),
+                                                                ("b.json", "", 2.0)]
+    assert tuple(config.eval.qa) == ("q.json",)

@@ -24,17 +24,18 @@ class EncoderLayer(nnx.Module):
         hd = d // h
         self.scale = hd ** -0.5
         self.chunk_bytes = policy.cpu_attention_chunk_bytes
+        std = cfg.init_std
         qkv = lambda: Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=True,  # noqa: E731
-                            policy=policy, rngs=rngs)
+                            policy=policy, rngs=rngs, std=std)
         self.ln1 = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
         self.q, self.k, self.v = qkv(), qkv(), qkv()
         self.o = Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), use_bias=True, policy=policy,
-                       rngs=rngs)
+                       rngs=rngs, std=std)
         self.ln2 = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
         self.fc1 = Dense((d,), (cfg.mlp_dim,), ("embed",), ("mlp",), use_bias=True, policy=policy,
-                         rngs=rngs)
+                         rngs=rngs, std=std)
         self.fc2 = Dense((cfg.mlp_dim,), (d,), ("mlp",), ("embed",), use_bias=True, policy=policy,
-                         rngs=rngs)
+                         rngs=rngs, std=std)
 
     def __call__(self, x):
         y = self.ln1(x)
@@ -55,10 +56,10 @@ class CLIPVision(nnx.Module):
     def __init__(self, cfg: VisionConfig, policy: Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
         p, d = cfg.patch_size, cfg.width
-        self.patch_embed = param(rngs, normal(0.02), (p, p, 3, d), (None, None, None, "embed"),
+        self.patch_embed = param(rngs, normal(cfg.init_std), (p, p, 3, d), (None, None, None, "embed"),
                                  policy.param_dtype)
-        self.class_embed = param(rngs, normal(0.02), (d,), ("embed",), policy.param_dtype)
-        self.pos_embed = param(rngs, normal(0.02), (cfg.num_patches + 1, d), (None, "embed"),
+        self.class_embed = param(rngs, normal(cfg.init_std), (d,), ("embed",), policy.param_dtype)
+        self.pos_embed = param(rngs, normal(cfg.init_std), (cfg.num_patches + 1, d), (None, "embed"),
                                policy.param_dtype)
         self.pre_ln = LayerNorm(d, eps=cfg.layer_norm_eps, policy=policy, rngs=rngs)
         self.layers = stacked(lambda r: EncoderLayer(cfg, policy, r), cfg.depth, rngs)

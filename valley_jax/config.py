@@ -27,6 +27,9 @@ class VisionConfig:
     # Which hidden state feeds Valley: index into the (depth + 1) hidden states, -2 = the input
     # of the last layer. The post layer norm is never applied to it.
     select_layer: int = -2
+    # Standard deviation of freshly initialised weights (Hugging Face's initializer_range);
+    # loaded checkpoints replace them.
+    init_std: float = 0.02
 
     @property
     def num_patches(self) -> int:
@@ -78,6 +81,7 @@ class LlamaConfig:
     rope_scaling: Optional[RopeScaling] = None
     max_position: int = 4096
     lora: Optional[LoraConfig] = None
+    init_std: float = 0.02  # fresh weights (initializer_range); loaded checkpoints replace them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +118,12 @@ def preset(name: str) -> ValleyConfig:
     """A named model configuration: 'demo', '7b' (Llama-2 / Vicuna 7B) or '13b'."""
     clip_l14 = VisionConfig()
     if name == "demo":
-        vision = VisionConfig(image_size=224, patch_size=14, width=64, depth=3, heads=4, mlp_dim=128)
+        # Trained from scratch on CPU: fresh weights at width ** -0.5, not CLIP's and LLaMA's 0.02
+        # (made for widths of 1024-5120), which would leave these narrow towers nearly linear.
+        vision = VisionConfig(image_size=224, patch_size=14, width=64, depth=3, heads=4, mlp_dim=128,
+                              init_std=64 ** -0.5)
         llm = LlamaConfig(vocab_size=1024, hidden=128, depth=2, heads=4, kv_heads=2, head_dim=32,
-                          mlp_dim=256, max_position=2048)
+                          mlp_dim=256, max_position=2048, init_std=128 ** -0.5)
         return ValleyConfig(vision=vision, llm=llm, temporal_mlp_dim=256, im_patch_id=1000,
                             vi_frame_id=1001)
     if name in ("7b", "13b"):

@@ -260,9 +260,18 @@ def _prefill_body(model, ids, mask, frames, frame_mask, knobs, stop, cache_len, 
     return _advance(start, logits[:, -1], knobs, stop, greedy), cache
 
 
-def _decode_forward(llm, token, pos, cache):
+def split_layers(llm) -> list:
+    """The decoder's stacked layer weights as one state per layer (copies, made once): the
+    fused decode loop then reads each layer's weights where they are, where a scan over the
+    stacked weights copies every layer's slice out of the stack on every token."""
+    _, states = nnx.split(llm.layers)
+    return [jax.tree.map(lambda a, i=i: a[i], states) for i in range(llm.cfg.depth)]
+
+
+def _decode_forward(llm, token, pos, cache, layers=None):
     """Logits [B, V] of one new token per row (ids `token` [B] at RoPE positions `pos` [B]),
-    and the cache with its keys and values written.
+    and the cache with its keys and values written. `layers`: the per-layer weights of
+    `split_layers` (then the layers run unrolled), or None (a scan over the stacked weights).
 
     Decoding keeps its own cache layout, k and v [layers, B, kv_heads, slots, head_dim], and
     threads the whole cache through the layer scan as carry. `Llama.__call__` passes each
@@ -308,16 +317,20 @@ def _decode_forward(llm, token, pos, cache):
         h = h + layer.down(jax.nn.silu(layer.gate(y)) * layer.up(y))
         return (h, k_cache, v_cache), None
 
-    x = llm.embed_tokens(token[:, None])
-    (h, k_cache, v_cache), _ = jax.lax.scan(
-        layer_step, (x, cache["k"], cache["v"]), (layer_states, jnp.arange(cfg.depth)))
+    carry = (llm.embed_tokens(token[:, None]), cache["k"], cache["v"])
+    if layers is None:
+        carry, _ = jax.lax.scan(layer_step, carry, (layer_states, jnp.arange(cfg.depth)))
+    else:
+        for i, layer_state in enumerate(layers):
+            carry, _ = layer_step(carry, (layer_state, i))
+    h, k_cache, v_cache = carry
     logits = llm.lm_head(llm.norm(h)).astype(jnp.float32)[:, -1]
     return logits, dict(k=k_cache, v=v_cache, mask=key_ok, index=index + 1)
 
 
-def _step_body(llm, dec: Decoding, cache, knobs, stop, greedy):
+def _step_body(llm, dec: Decoding, cache, knobs, stop, greedy, layers=None):
     """Feeds the last token of every row through the decoder and samples the next one."""
-    logits, cache = _decode_forward(llm, dec.token, dec.pos, cache)
+    logits, cache = _decode_forward(llm, dec.token, dec.pos, cache, layers)
     return _advance(dec, logits, knobs, stop, greedy), cache
 
 
@@ -345,6 +358,7 @@ def _generate_fused(graphdef, state, ids, mask, frames, frame_mask, knobs, stop,
     room = cache_len - ids.shape[1] + 1
     out = jnp.zeros((ids.shape[0], room), jnp.int32).at[:, 0].set(dec.token)
     lengths = dec.emit.astype(jnp.int32)  # a row's output is a prefix: emit stays off once done
+    layers = split_layers(model.llm)
 
     def cond(carry):
         dec = carry[0]
@@ -352,7 +366,7 @@ def _generate_fused(graphdef, state, ids, mask, frames, frame_mask, knobs, stop,
 
     def body(carry):
         dec, cache, out, lengths = carry
-        dec, cache = _step_body(model.llm, dec, cache, knobs, stop, greedy)
+        dec, cache = _step_body(model.llm, dec, cache, knobs, stop, greedy, layers)
         out = jax.lax.dynamic_update_slice_in_dim(out, dec.token[:, None], dec.step, axis=1)
         return dec, cache, out, lengths + dec.emit
 

@@ -64,7 +64,8 @@ class DecoderLayer(nnx.Module):
 
         def dense(name, i, o, ia, oa):
             adapter = lora if lora is not None and name in lora.targets else None
-            return Dense(i, o, ia, oa, use_bias=False, policy=policy, rngs=rngs, lora=adapter)
+            return Dense(i, o, ia, oa, use_bias=False, policy=policy, rngs=rngs, lora=adapter,
+                         std=cfg.init_std)
 
         self.policy = policy
         self.attn_norm = RMSNorm(e, eps=cfg.rms_eps, policy=policy, rngs=rngs)
@@ -105,12 +106,12 @@ class DecoderLayer(nnx.Module):
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, policy: Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
-        self.embed = param(rngs, normal(0.02), (cfg.vocab_size, cfg.hidden), ("vocab", "embed"),
+        self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.hidden), ("vocab", "embed"),
                            policy.param_dtype)
         self.layers = stacked(lambda r: DecoderLayer(cfg, policy, r), cfg.depth, rngs)
         self.norm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, policy=policy, rngs=rngs)
         self.lm_head = Dense((cfg.hidden,), (cfg.vocab_size,), ("embed",), ("vocab",),
-                             use_bias=False, policy=policy, rngs=rngs)
+                             use_bias=False, policy=policy, rngs=rngs, std=cfg.init_std)
 
     def embed_tokens(self, ids):
         return jnp.take(self.embed[...], ids, axis=0).astype(self.policy.dtype)

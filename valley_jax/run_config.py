@@ -38,7 +38,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         # Each: path (JSON / JSONL / prepared ArrayRecord folder), video_root, image_root, weight.
-        train=[], val=[],
+        # Tuples, so that --config.data.train='[{"path": ...}, ...]' overrides them.
+        train=(), val=(),
         tokenizer="",  # default: the tokenizer of init.llm or init.checkpoint
         max_length=2048,
         frame_mode="fixed",  # fixed | fps
@@ -56,7 +57,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
     ))
 
     # Demo evaluation: answer accuracy per question type by greedy generation on these splits.
-    c.eval = ml_collections.ConfigDict(dict(qa=[], max_new_tokens=8, max_items=200, batch_size=32))
+    c.eval = ml_collections.ConfigDict(dict(qa=(), max_new_tokens=8, max_items=200, batch_size=32))
     return c
 
 
@@ -70,7 +71,7 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.data.synthetic = True
     c.data.image_size, c.data.resize_size = 112, 128
-    c.data.max_length = 256
+    c.data.max_length = 192  # the longest synthetic record (3 turns, 8 frames) is about 170 tokens
     c.data.num_workers = 2
     c.log_every = 10
     return c

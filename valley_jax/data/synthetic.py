@@ -47,7 +47,7 @@ from PIL import Image
 from valley_jax import tokens
 
 # Bump whenever the output for given arguments changes, so that stale demo sets are rebuilt.
-VERSION = 1
+VERSION = 2
 
 COLOURS = {
     "red": (230, 30, 30),
@@ -104,6 +104,10 @@ CAPTION_PROMPTS = {
 
 FPS = 8
 CRF = 18  # high quality: interiors of shapes stay within a few levels of their colour
+# Sprites span about three 14-pixel ViT patches at 112 px: smaller ones (0.2-0.26, version 1)
+# left shape questions at chance for the demo's from-scratch ViT for longer.
+SPRITE_SIZE = (0.3, 0.38)  # side, as a share of the frame's
+DISTANCE = (0.25, 0.35)  # how far a sprite travels, as a share of the frame's side
 TWO_SHAPE_SHARE = 0.75  # the temporal questions need two shapes
 IMAGE_SHARE = 0.1
 # How much an over-used answer counts against its question type when planning a record (a
@@ -269,11 +273,11 @@ def sample_scene(
     for _ in range(1000):
         sprites = []
         for (colour, shape), timing in zip(combos, timeline, strict=True):
-            sprite_size = _even(rng, round(0.2 * size), round(0.26 * size))
+            sprite_size = _even(rng, round(SPRITE_SIZE[0] * size), round(SPRITE_SIZE[1] * size))
             room = size - 2 * margin - sprite_size
             if is_video:
                 direction = _pick(rng, tuple(DIRECTIONS))
-                distance = _even(rng, round(0.3 * size), round(0.45 * size))
+                distance = _even(rng, round(DISTANCE[0] * size), round(DISTANCE[1] * size))
                 dx, dy = DIRECTIONS[direction]
                 # The start is drawn so that the whole path stays inside the frame.
                 x_lo, x_hi = margin + max(0, -dx * distance), margin + room - max(0, dx * distance)
