@@ -190,3 +190,17 @@ def test_dataset_lists_override_from_the_command_line():
     assert [(s.path, s.video_root, s.weight) for s in specs] == [("a.json", "/v", 1.0),
                                                                 ("b.json", "", 2.0)]
     assert tuple(config.eval.qa) == ("q.json",)
+
+
+def test_accuracy_table_prints_chance_levels(tmp_path):
+    from valley_jax import train
+
+    (tmp_path / "meta.json").write_text(json.dumps({"chance": {"colour": 1 / 6, "count": 0.5}}))
+    acc = {"all": {"exact": 0.75, "n": 4}, "colour": {"exact": 1.0, "n": 2},
+           "count": {"exact": 0.5, "n": 2}}
+    assert train.accuracy_table("val", acc, train.chance_levels(str(tmp_path))) == (
+        "held-out answer accuracy, val (4 questions):\n"
+        "  all            0.750   n=4\n"
+        "  colour         1.000   n=2      chance 0.167\n"
+        "  count          0.500   n=2      chance 0.500")
+    assert train.chance_levels(str(tmp_path / "absent")) == {}

@@ -348,9 +348,29 @@ def evaluate(config, model, tokenizer, val_loader_fn, eval_step, state, data: st
         preds = qa.answer(model, tokenizer, items, dcfg, os.path.dirname(path),
                           batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens)
         name = os.path.splitext(os.path.basename(path))[0]
-        for qtype, s in qa.accuracy(items, preds).items():
+        acc = qa.accuracy(items, preds)
+        for qtype, s in acc.items():
             out[f"{name}/{qtype}"] = s["exact"]
+        log.info("%s", accuracy_table(name, acc, chance_levels(os.path.dirname(path))))
     return out
+
+
+def chance_levels(folder: str) -> dict:
+    """{question type: chance accuracy} from a synthetic world's meta.json, or {}."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            return dict(json.load(f).get("chance", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def accuracy_table(name: str, acc: dict, chance: dict) -> str:
+    """Held-out answer accuracy per question type, with its chance level when known."""
+    lines = [f"held-out answer accuracy, {name} ({acc.get('all', {}).get('n', 0)} questions):"]
+    for qtype, s in acc.items():
+        level = f"   chance {chance[qtype]:.3f}" if qtype in chance else ""
+        lines.append(f"  {qtype:<14s}{s['exact']:6.3f}   n={s['n']:<4d}{level}".rstrip())
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
