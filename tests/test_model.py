@@ -220,3 +220,22 @@ def test_fresh_weights_follow_init_std():
     old = to_dict(cfg)
     del old["vision"]["init_std"], old["llm"]["init_std"]
     assert from_dict(old).llm.init_std == 0.02
+
+
+@pytest.mark.parametrize("mask_rows", [None, 1, 6])
+def test_chunked_attention_equals_one_piece(mask_rows):
+    """On CPU the batch runs in chunks whose scores fit `chunk_bytes`: the same numbers as one
+    piece, with per-row masks, a shared mask and grouped-query heads."""
+    from valley_jax.layers import attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(6, 5, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(6, 7, 2, 8)), jnp.float32) for _ in range(2))
+    mask = None if mask_rows is None else jnp.asarray(rng.random((mask_rows, 1, 5, 7)) < 0.7)
+    if mask is not None:
+        mask = mask.at[..., 0].set(True)  # every query sees at least one key
+    whole = attention(q, k, v, mask)
+    row_bytes = 4 * 5 * 7 * 4  # heads x queries x keys x float32
+    for chunk_bytes in (row_bytes, 2 * row_bytes, 3 * row_bytes):  # 6, 3 and 2 chunks
+        np.testing.assert_allclose(attention(q, k, v, mask, chunk_bytes=chunk_bytes), whole,
+                                   rtol=0, atol=1e-6)
