@@ -244,11 +244,16 @@ def test_interrupted_run_resumes_and_processes_share_the_items(demo, tmp_path, m
 # The field's layouts
 
 
+def empty_videos(folder, names):
+    """A video folder with empty files of these names (the layouts only look at names)."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return folder
+
+
 def test_zero_shot_qa_layout(tmp_path):
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for name in ("v_abc.mp4", "clip1.avi"):
-        (videos / name).write_bytes(b"")
+    videos = empty_videos(tmp_path / "videos", ("v_abc.mp4", "clip1.avi"))
     q = [{"video_name": "abc", "question_id": "abc_0", "question": "what is he doing"},
          {"video_name": "clip1", "question_id": 7, "question": "who is talking"}]
     (tmp_path / "q.json").write_text(json.dumps(q))
@@ -278,10 +283,7 @@ def test_zero_shot_qa_layout(tmp_path):
 
 
 def test_video_chatgpt_benchmark_layout(tmp_path):
-    videos = tmp_path / "Test_Videos"
-    videos.mkdir()
-    for name in ("v_a.mp4", "v_b.mkv"):
-        (videos / name).write_bytes(b"")
+    videos = empty_videos(tmp_path / "Test_Videos", ("v_a.mp4", "v_b.mkv"))
     generic = [{"video_name": "v_a", "Q": "Describe it.", "A": "A dog runs."},
                {"video_name": "v_b", "Q": "What is there?", "A": "A cat."},
                {"video_name": "v_a", "Q": "Where?", "A": "A park."}]

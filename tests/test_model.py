@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 import torch_reference as ref
 from valley_jax import hf
-from valley_jax.config import ValleyConfig, preset
-from valley_jax.layers import Policy
+from valley_jax.config import ValleyConfig, from_dict, preset, to_dict
+from valley_jax.layers import Policy, attention
 from valley_jax.temporal import make_temporal
 from valley_jax.valley import Valley
 
@@ -216,7 +216,6 @@ def test_fresh_weights_follow_init_std():
                          (model.llm.layers.q.kernel, 128 ** -0.5),
                          (model.llm.embed, 128 ** -0.5)]:
         assert float(np.std(np.asarray(weights[...]))) == pytest.approx(std, rel=0.05)
-    from valley_jax.config import from_dict, to_dict
     old = to_dict(cfg)
     del old["vision"]["init_std"], old["llm"]["init_std"]
     assert from_dict(old).llm.init_std == 0.02
@@ -226,8 +225,6 @@ def test_fresh_weights_follow_init_std():
 def test_chunked_attention_equals_one_piece(mask_rows):
     """On CPU the batch runs in chunks whose scores fit `chunk_bytes`: the same numbers as one
     piece, with per-row masks, a shared mask and grouped-query heads."""
-    from valley_jax.layers import attention
-
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(6, 5, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(6, 7, 2, 8)), jnp.float32) for _ in range(2))

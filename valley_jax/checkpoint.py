@@ -75,16 +75,18 @@ def _write_meta(path, cfg: config_lib.ValleyConfig, tokenizer, source) -> None:
         json.dump(meta, f, indent=2)
 
 
-def save_model(path, model: Valley, tokenizer_dir=None) -> None:
-    """Writes a model checkpoint folder (replacing one that is there). In a multi-process run
-    every process calls it (orbax's save is collective); process 0 writes the files."""
+def save_model(path, model: Valley, tokenizer=None) -> None:
+    """Writes a model checkpoint folder (replacing one that is there). `tokenizer`: a Hugging
+    Face tokenizer, or a tokenizer folder (Valley's tokens are added when it lacks them). In a
+    multi-process run every process calls it (orbax's save is collective); process 0 writes the
+    files."""
     primary = jax.process_index() == 0
     path = _fresh_folder(path) if primary else os.path.abspath(os.fspath(path))
     flat = {p: v[...] for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "state"), _nested({tuple(p): v for p, v in flat.items()}))
     if primary:
-        _write_meta(path, model.cfg, tokenizer_dir, None)
+        _write_meta(path, model.cfg, tokenizer, None)
 
 
 def _numpy_registry():

@@ -512,7 +512,7 @@ def train(config, workdir: str) -> dict:
         results = evaluate_now(step)
         # The trained model, in the format chat / evaluation / stage 2 read.
         final = step_lib.merge_model(graphdef, host_params(state.params))
-        model_ckpt.save_model(os.path.join(workdir, "model"), final, tok_path)
+        model_ckpt.save_model(os.path.join(workdir, "model"), final, tokenizer)
         _barrier("model-written")  # no process leaves (and shuts the cluster down) before it
         log.info("model written to %s", os.path.join(workdir, "model"))
     finally:
