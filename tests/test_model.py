@@ -224,15 +224,20 @@ def test_fresh_weights_follow_init_std():
 @pytest.mark.parametrize("mask_rows", [None, 1, 6])
 def test_chunked_attention_equals_one_piece(mask_rows):
     """On CPU the batch runs in chunks whose scores fit `chunk_bytes`: the same numbers as one
-    piece, with per-row masks, a shared mask and grouped-query heads."""
+    piece, and the same gradients, with per-row masks, a shared mask and grouped-query heads."""
+    batch = 6
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.normal(size=(6, 5, 4, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(6, 7, 2, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(batch, 5, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(batch, 7, 2, 8)), jnp.float32) for _ in range(2))
     mask = None if mask_rows is None else jnp.asarray(rng.random((mask_rows, 1, 5, 7)) < 0.7)
     if mask is not None:
         mask = mask.at[..., 0].set(True)  # every query sees at least one key
-    whole = attention(q, k, v, mask)
+    loss = lambda q, k, v, c: jnp.sum(jnp.sin(attention(q, k, v, mask, chunk_bytes=c)))  # noqa: E731
+    whole, whole_grads = attention(q, k, v, mask), jax.grad(loss, (0, 1, 2))(q, k, v, 0)
     row_bytes = 4 * 5 * 7 * 4  # heads x queries x keys x float32
-    for chunk_bytes in (row_bytes, 2 * row_bytes, 3 * row_bytes):  # 6, 3 and 2 chunks
+    for rows_per_chunk in (1, 2, 3):  # 6, 3 and 2 chunks
+        chunk_bytes = rows_per_chunk * row_bytes
         np.testing.assert_allclose(attention(q, k, v, mask, chunk_bytes=chunk_bytes), whole,
                                    rtol=0, atol=1e-6)
+        for got, want in zip(jax.grad(loss, (0, 1, 2))(q, k, v, chunk_bytes), whole_grads):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
