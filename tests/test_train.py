@@ -60,6 +60,7 @@ def uninterrupted(tmp_path_factory):
 def test_progress_lines_metrics_and_final_model(uninterrupted):
     workdir, log = uninterrupted
     assert "step 8/8 loss" in log and "MFU" in log and "ETA" in log
+    assert "memory allocator: " in log
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     train = [l for l in lines if l["kind"] == "train"]
     assert [l["step"] for l in train] == [2, 4, 6, 8]
