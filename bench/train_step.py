@@ -6,6 +6,7 @@ module), on the same batch, with AdamW over the same trained parameters (stage 2
 temporal module, LLM; the ViT frozen), in float32 on this machine's CPU threads.
 
     python bench/train_step.py [--configs demo,large] [--steps 3] [--json out.json]
+    LD_PRELOAD=libtcmalloc_minimal.so.4 python bench/train_step.py   # both sides on tcmalloc
 
 Prints steps/s of each side and their ratio, the first-step losses of both (they must agree:
 the same model), and for every config the step's model FLOPs, its achieved FLOP/s and its MFU
@@ -29,20 +30,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from valley_jax import flops, hf, optim, sharding  # noqa: E402
+from valley_jax import flops, hf, malloc, optim, sharding  # noqa: E402
 from valley_jax import step as step_lib  # noqa: E402
 from valley_jax.config import ValleyConfig  # noqa: E402
+from valley_jax.layers import Policy  # noqa: E402
 
 CONFIGS = {
-    # The demo model's sizes (valley_jax.config.preset('demo')) at 224 px, 8 frames.
-    "demo": dict(
+    # The demo model's sizes (valley_jax.config.preset('demo')) at 224 px, 8 frames; its layers
+    # unrolled, as configs/*.py:demo run them.
+    "demo": dict(scan_layers=False,
         vision=dict(image_size=224, patch_size=14, hidden_size=64, num_hidden_layers=3,
                     num_attention_heads=4, intermediate_size=128),
         llama=dict(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, intermediate_size=256),
         batch=8, seq=384, frames=8, temporal_mlp=256),
-    # LLM width 1024, 8 layers, 1024 tokens, 8 frames (the demo ViT in front).
-    "large": dict(
+    # LLM width 1024, 8 layers, 1024 tokens, 8 frames (the demo ViT in front); layers scanned.
+    "large": dict(scan_layers=True,
         vision=dict(image_size=224, patch_size=14, hidden_size=64, num_hidden_layers=3,
                     num_attention_heads=4, intermediate_size=128),
         llama=dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8,
@@ -93,8 +96,9 @@ def torch_side(spec, batch):
     return model, step
 
 
-def jax_side(cfg: ValleyConfig, sd, batch):
-    model = hf.valley_from_tensors(cfg, sd.keys(), sd.__getitem__)
+def jax_side(cfg: ValleyConfig, sd, batch, scan_layers=True):
+    model = hf.valley_from_tensors(cfg, sd.keys(), sd.__getitem__,
+                                   policy=Policy(scan_layers=scan_layers))
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     graphdef, params, axes, param_paths = step_lib.split_model(model)
     trainable = optim.stage_trainable("finetune", param_paths)
@@ -144,7 +148,7 @@ def run(name, steps):
                        llm=hf.llama_config_from_hf(model.llama.config.to_dict()), temporal="mean",
                        num_frames=spec["frames"], im_patch_id=ref.IM_PATCH_ID,
                        vi_frame_id=ref.VI_FRAME_ID)
-    jax_step = jax_side(cfg, sd, batch)
+    jax_step = jax_side(cfg, sd, batch, spec["scan_layers"])
     jax_loss, jax_time = timed(jax_step, steps)
     torch_loss, torch_time = timed(torch_step, steps)
     fl = flops.step_flops(cfg, batch=spec["batch"], seq_len=spec["seq"], num_frames=spec["frames"],
@@ -165,7 +169,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPU cores")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, memory allocator "
+          f"{malloc.active() or 'glibc (the system)'}")
     results = []
     for name in args.configs.split(","):
         r = run(name, args.steps)
