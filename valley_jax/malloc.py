@@ -40,7 +40,8 @@ def maybe_reexec() -> None:
     """Replaces this process by the same command with a faster allocator preloaded, when one is
     installed and none is in use yet; otherwise returns. Call it first thing in `main`, before
     any thread or backend starts; the process id stays the same."""
-    if (sys.platform != "linux" or os.environ.get("VALLEY_MALLOC", "auto") == "system"
+    if (sys.platform != "linux" or not sys.executable
+            or os.environ.get("VALLEY_MALLOC", "auto") == "system"
             or os.environ.get(_MARK) or active()):
         return
     library = find()
