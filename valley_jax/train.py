@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
@@ -380,7 +379,6 @@ def main(argv) -> None:
     del argv
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    malloc.maybe_reexec()  # tcmalloc when installed: faster CPU steps (valley_jax/malloc.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -525,5 +523,6 @@ def train(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
+    malloc.maybe_reexec()  # tcmalloc when installed: faster CPU steps (valley_jax/malloc.py)
     flags.mark_flags_as_required(["config"])
     app.run(main)
