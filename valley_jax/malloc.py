@@ -4,8 +4,10 @@ XLA:CPU allocates and frees its buffers on every step; under glibc's malloc a de
 takes about a third longer than under tcmalloc (BENCHMARKS.md, "Train step": 0.28 against 0.21 s),
 much of it in page faults on freshly mapped memory. An allocator has to be in place before the
 process starts (`LD_PRELOAD`), so `maybe_reexec` runs the same command again, once, with it
-preloaded. Nothing changes numerically. Debian / Ubuntu: `apt-get install libtcmalloc-minimal4`
-(or `libjemalloc2`); `VALLEY_MALLOC=system` keeps glibc's allocator.
+preloaded; `python -m valley_jax.train`, `.chat` and `.evaluate` do (only when run as programs,
+never from an in-process `main(argv)`). Nothing changes numerically. Debian / Ubuntu:
+`apt-get install libtcmalloc-minimal4` (or `libjemalloc2`); `VALLEY_MALLOC=system` keeps glibc's
+allocator.
 """
 
 from __future__ import annotations
