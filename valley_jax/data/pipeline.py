@@ -96,7 +96,11 @@ class Loader:
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)
         self._skip_counts += batch.pop("skip_counts")
-        return batch
+        # Worker batches arrive in shared memory, freed when their last reference goes. Copy
+        # them out (a few MB) so that it goes now, not at exit, where Python's resource tracker
+        # would report the segments of the last batches held as leaked.
+        return {k: np.array(v) if type(v) is not np.ndarray and isinstance(v, np.ndarray) else v
+                for k, v in batch.items()}
 
     @property
     def skip_counts(self) -> dict[str, int]:
