@@ -43,3 +43,17 @@ def test_no_second_reexecution_when_one_is_preloaded():
     library = malloc.find()
     (_, preload), ran = run_probe(LD_PRELOAD=library)
     assert preload == library and ran[0] == "on" and ran[1] in library
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["python", "-m", "valley_jax.train", "--config=c.py"], "valley_jax.train"),
+    (["python", "-u", "-X", "importtime", "-W", "ignore", "-m", "valley_jax.chat", "-m", "x"],
+     "valley_jax.chat"),
+    (["python", "-mvalley_jax.evaluate"], "valley_jax.evaluate"),
+    (["python", "-c", "import valley_jax", "-m", "valley_jax.train"], None),
+    (["python", "script.py", "-m", "valley_jax.train"], None),
+    (["python"], None),
+])
+def test_program_reads_the_module_run_with_dash_m(argv, expected):
+    """The package re-executes only `python -m` runs of its programs, found in sys.orig_argv."""
+    assert malloc.program(argv) == expected

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valley_jax import checkpoint, convert, generate, malloc, tokens
+from valley_jax import checkpoint, convert, generate, tokens
 from valley_jax.data import frames as frames_lib
 from valley_jax.data.config import DataConfig, DatasetSpec
 from valley_jax.data.records import count_placeholders
@@ -514,5 +514,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    malloc.maybe_reexec()  # tcmalloc when installed: faster token streaming on CPU
     sys.exit(main())

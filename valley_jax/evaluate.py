@@ -56,7 +56,7 @@ import subprocess
 import sys
 
 from valley_jax import judge as judge_lib
-from valley_jax import malloc, qa, tokens
+from valley_jax import qa, tokens
 from valley_jax.data.skips import SkipRecord
 
 log = logging.getLogger("valley_jax.evaluate")
@@ -653,7 +653,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    malloc.maybe_reexec()  # tcmalloc when installed (valley_jax/malloc.py)
     try:
         main()
     except (EvaluationError, judge_lib.JudgeError) as err:

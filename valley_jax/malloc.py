@@ -4,8 +4,9 @@ XLA:CPU allocates and frees its buffers on every step; under glibc's malloc a de
 takes about a third longer than under tcmalloc (BENCHMARKS.md, "Train step": 0.28 against 0.21 s),
 much of it in page faults on freshly mapped memory. An allocator has to be in place before the
 process starts (`LD_PRELOAD`), so `maybe_reexec` runs the same command again, once, with it
-preloaded; `python -m valley_jax.train`, `.chat` and `.evaluate` do (only when run as programs,
-never from an in-process `main(argv)`). Nothing changes numerically. Debian / Ubuntu:
+preloaded. The package's `__init__` does that for `python -m valley_jax.train`, `.chat` and
+`.evaluate` (PROGRAMS), before the program imports jax and the rest; importing valley_jax in any
+other process changes nothing. Nothing changes numerically. Debian / Ubuntu:
 `apt-get install libtcmalloc-minimal4` (or `libjemalloc2`); `VALLEY_MALLOC=system` keeps glibc's
 allocator.
 """
@@ -21,6 +22,26 @@ import sys
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _MARK = "VALLEY_MALLOC_PRELOADED"  # set in the re-executed process: never loop
+PROGRAMS = ("valley_jax.train", "valley_jax.chat", "valley_jax.evaluate")
+# Interpreter options that take the next argument as their value.
+_OPTIONS_WITH_VALUE = ("-W", "-X", "--check-hash-based-pycs")
+
+
+def program(argv: list[str] | None = None) -> str | None:
+    """The module this interpreter was started to run with `-m` (from `sys.orig_argv`), or None
+    (a script, `-c`, an interactive session)."""
+    args = list(sys.orig_argv if argv is None else argv)[1:]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-m":
+            return args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("-m"):
+            return arg[2:]
+        if arg == "-c" or not arg.startswith("-"):
+            return None
+        i += 2 if arg in _OPTIONS_WITH_VALUE else 1
+    return None
 
 
 def find() -> str | None:
@@ -40,8 +61,8 @@ def active() -> str | None:
 
 def maybe_reexec() -> None:
     """Replaces this process by the same command with a faster allocator preloaded, when one is
-    installed and none is in use yet; otherwise returns. Call it first thing in `main`, before
-    any thread or backend starts; the process id stays the same."""
+    installed and none is in use yet; otherwise returns. Call it before any thread or backend
+    starts; the process id stays the same."""
     if (sys.platform != "linux" or not sys.executable
             or os.environ.get("VALLEY_MALLOC", "auto") == "system"
             or os.environ.get(_MARK) or active()):

@@ -523,6 +523,5 @@ def train(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    malloc.maybe_reexec()  # tcmalloc when installed: faster CPU steps (valley_jax/malloc.py)
     flags.mark_flags_as_required(["config"])
     app.run(main)
