@@ -51,9 +51,11 @@ def step_flops(cfg: ValleyConfig, *, batch: int, seq_len: int, num_frames: int, 
         # Scores (a weight matmul) and the weighted sum (no weights).
         temporal = 2 * b * t * n * h * (_passes(temporal_trains, True) + 2)
     else:
+        # Keys and values for every frame; query, output, feed-forward and attention for the
+        # last valid frame only (the one output kept, see temporal.TransformerDelta).
         seqs = b * n
-        weights = 2 * seqs * t * (4 * h * h + 2 * h * cfg.temporal_mlp_dim)
-        attn = 2 * seqs * 2 * t * t * h
+        weights = 2 * seqs * (2 * t * h * h + 2 * h * h + 2 * h * cfg.temporal_mlp_dim)
+        attn = 2 * seqs * 2 * t * h
         temporal = weights * _passes(temporal_trains, True) + attn * 3
 
     # LLM: projections per token, lm_head, and full (unmasked) attention as XLA computes it.
