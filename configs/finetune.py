@@ -24,14 +24,15 @@ def get_config(arg: str = "7b"):
     c.eval_every = c.checkpoint_every = 2000
     if variant == "demo":
         run_config.demo(c)
-        c.total_steps = 1400
+        c.total_steps = 3000
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0
-        c.eval_every = c.checkpoint_every = 350
+        c.eval_every = c.checkpoint_every = 750
         c.model.train_vision = True  # the demo's ViT is random, not pretrained CLIP: let it learn
-        # Importance pooling (v2) learned the demo best of the three modules (BENCHMARKS.md, "CPU
-        # demo"); Valley's own default, and the 7b/13b recipes', is mean (v1).
-        c.model.temporal = "importance"
+        # The temporal transformer (v3): the one module whose tokens say which way a shape moves
+        # (where it was when, per patch); the LLM learns to read that after ~2000 steps
+        # (BENCHMARKS.md, "CPU demo"). Valley's own default, and the 7b/13b recipes', is mean (v1).
+        c.model.temporal = "transformer"
         # Question answering mixed 1:1 with the stage-1 captions of the same scenes, as Valley's
         # stage 2 mixes instruction sets: a caption names every shape's colour, shape and motion,
         # several supervised words per clip where an answer gives one.
