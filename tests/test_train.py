@@ -61,8 +61,9 @@ def test_progress_lines_metrics_and_final_model(uninterrupted):
     workdir, log = uninterrupted
     assert "step 8/8 loss" in log and "MFU" in log and "ETA" in log
     assert "memory allocator: " in log
-    if malloc.find():  # `python -m valley_jax.train` switched to it before importing jax
-        assert f"memory allocator: {'jemalloc' if 'jemalloc' in malloc.find() else 'tcmalloc'}" in log
+    library = malloc.find()
+    if library:  # `python -m valley_jax.train` switched to it before importing jax
+        assert f"memory allocator: {'jemalloc' if 'jemalloc' in library else 'tcmalloc'}" in log
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     train = [l for l in lines if l["kind"] == "train"]
     assert [l["step"] for l in train] == [2, 4, 6, 8]

@@ -96,6 +96,8 @@ class TransformerDelta(nnx.Module):
         # query, the residuals, the norms and the feed-forward part only that one: the same
         # numbers as running the layer over all frames, with a fraction of the work.
         last = jnp.maximum(frame_mask.sum(axis=1) - 1, 0)  # last valid frame of each sample
+        # A one-hot sum rather than take_along_axis: its backward is a broadcast, not a scatter
+        # (on the demo's CPU step no slower: 0.22 s either way, the scatter's runs noisier).
         pick = jax.nn.one_hot(last, t, dtype=x.dtype)[:, None, :, None]
         x_last = (x * pick).sum(axis=2, keepdims=True)  # [B, N, 1, H]
         q, k, v = self.q(x_last), self.k(x), self.v(x)  # [B, N, 1 | T, heads, hd]
