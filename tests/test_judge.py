@@ -133,6 +133,18 @@ def test_accuracy_score_retries_and_cache(tmp_path):
         assert server.requests == 11
 
 
+def test_identical_items_are_asked_once_however_many_workers(tmp_path):
+    # Twelve items, three distinct: concurrent workers must not all miss the cache for one prompt.
+    items = [QA_ITEMS[i % 3] for i in range(12)]
+    with FakeJudge(QA_TABLE) as server:
+        c, _ = client(server, tmp_path)
+        seen = []
+        verdicts = c.judge_all(judge.TASKS["qa"], items, workers=8, progress=seen.append)
+        assert server.requests == c.requests == 3
+        assert [v.pred for v in verdicts] == ["yes", "no", "yes"] * 4
+        assert sum(seen) == 12
+
+
 def test_benchmark_axes_and_consistency(tmp_path):
     table = {"sunny beach": "{'score': 4}", "a beach": "{'score': 2}", "rain": "{'score': 0}"}
     with FakeJudge(table) as server:

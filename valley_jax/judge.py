@@ -23,6 +23,7 @@ rerun replays the same replies without a single request.
 from __future__ import annotations
 
 import ast
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -418,23 +419,42 @@ class JudgeClient:
 
     def judge_all(self, task: Task, items: Sequence[dict], workers: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[Verdict]:
-        """Verdicts for many items (fields dicts), `workers` requests in flight; in order."""
+        """Verdicts for many items (fields dicts), `workers` requests in flight; in order.
+
+        Identical items are asked once: concurrent workers would otherwise all miss the cache
+        for the same prompt and each send it."""
+        index: dict[str, int] = {}  # fields -> position among the distinct items
+        distinct, which = [], []
+        for fields in items:
+            key = json.dumps(fields, sort_keys=True, ensure_ascii=False)
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(fields)
+            which.append(index[key])
+        copies = collections.Counter(which)
+
+        def done(i: int) -> None:
+            if progress:
+                progress(copies[i])
+
         if workers <= 1:
             verdicts = []
-            for fields in items:
+            for i, fields in enumerate(distinct):
                 verdicts.append(self.judge(task, fields))
-                if progress:
-                    progress(1)
-            return verdicts
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.judge, task, fields) for fields in items]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    future.result()  # the first failure stops the rest (the cache keeps the done)
-                    if progress:
-                        progress(1)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            return [f.result() for f in futures]
+                done(i)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                futures = {pool.submit(self.judge, task, fields): i
+                           for i, fields in enumerate(distinct)}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()  # the first failure stops the rest (the cache keeps
+                        done(futures[future])  # the finished ones)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+                verdicts = [None] * len(distinct)
+                for future, i in futures.items():
+                    verdicts[i] = future.result()
+        return [verdicts[i] for i in which]
