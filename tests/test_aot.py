@@ -67,7 +67,7 @@ def test_demo_step_compiles_for_v5p8_with_memory_and_flops(demo_v5p8):
     assert (r["platform"], r["devices"], r["hosts"]) == ("tpu", 4, 1)
     assert r["hbm_bytes"] == r["limit_bytes"] == 95 * GiB
     assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
-    assert (r["batch_size"], r["per_device_batch"], r["seq_len"], r["num_frames"]) == (16, 4, 192, 4)
+    assert (r["batch_size"], r["per_device_batch"], r["seq_len"], r["num_frames"]) == (16, 4, 168, 4)
     m = r["memory"]
     assert set(m) == {"arguments", "outputs", "aliased", "temporaries", "generated_code", "total"}
     assert all(m[k] > 0 for k in m)

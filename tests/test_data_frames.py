@@ -133,6 +133,29 @@ def test_crop_offset_rounds_like_the_reference():
     np.testing.assert_array_equal(out, frames[:, 16:240, 116:340])
 
 
+def test_random_crop_is_one_window_for_all_frames_drawn_uniformly():
+    """455x256 frames cropped to 224: the offset is uniform over the 33 x 232 windows, the same
+    for every frame of the clip; without a generator the crop stays centred."""
+    rows, cols = np.mgrid[0:256, 0:455]
+    position = np.stack([rows, cols % 256, cols // 256], -1).astype(np.uint8)  # pixel = its place
+    frames = np.stack([position, position[::-1], position[:, ::-1]])
+    rng = np.random.default_rng(7)
+    tops, lefts = [], []
+    for _ in range(2000):
+        out = frames_lib.resize_and_center_crop(frames, 256, 224, "bilinear", rng)
+        top, left = int(out[0, 0, 0, 0]), int(out[0, 0, 0, 1]) + 256 * int(out[0, 0, 0, 2])
+        np.testing.assert_array_equal(out, frames[:, top:top + 224, left:left + 224])
+        tops.append(top)
+        lefts.append(left)
+    assert (min(tops), max(tops), min(lefts), max(lefts)) == (0, 32, 0, 231)
+    # Uniform: each third of the range is drawn about a third of the time (+-3.5 sigma).
+    for values, span in ((tops, 33), (lefts, 232)):
+        thirds = np.bincount(np.asarray(values) * 3 // span, minlength=3)
+        assert np.all(np.abs(thirds - 2000 / 3) < 3.5 * np.sqrt(2000 * 2 / 9)), thirds
+    np.testing.assert_array_equal(frames_lib.resize_and_center_crop(frames, 256, 224, "bilinear"),
+                                  frames[:, 16:240, 116:340])
+
+
 def test_long_thin_video_truncates_the_long_side_like_the_reference():
     """90x50: the long side becomes int(256 * 90 / 50) = 460 (not round: 460.8)."""
     frame = np.random.default_rng(1).integers(0, 256, (1, 50, 90, 3), dtype=np.uint8)

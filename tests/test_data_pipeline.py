@@ -110,6 +110,27 @@ def test_one_epoch_delivers_every_record_once_and_the_seed_decides_the_order(mix
     assert sorted(other_seed) == sorted(first) and other_seed != first
 
 
+def test_random_crop_moves_only_video_frames_and_repeats_with_the_seed(mixed_spec, tokenizer_dir):  # noqa: F811
+    centre = data_config(tokenizer_dir, [mixed_spec], batch_size=1, num_epochs=2, seed=1)
+    random = dataclasses.replace(centre, random_crop=True)
+    a, b, c = take_all(centre), take_all(random), take_all(random)
+    assert real_rows(a) == real_rows(b)  # the same records in the same order
+    for x, y in zip(b, c):
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name])
+    moved, by_record = 0, {}
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["frame_mask"], y["frame_mask"])
+        if x["frame_mask"].sum() > 1:  # a video (fixed mode: NUM_FRAMES frames)
+            moved += not np.array_equal(x["frames"], y["frames"])
+            by_record.setdefault(tuple(x["input_ids"][0]), []).append(y["frames"])
+        else:  # an image (the CLIP processor's crop) or text only
+            np.testing.assert_array_equal(x["frames"], y["frames"])
+    assert len(by_record) == 6 and moved >= 10  # 12 video examples; a draw may land centred
+    # Each epoch draws its own crop.
+    assert sum(not np.array_equal(*crops) for crops in by_record.values()) >= 5
+
+
 def test_processes_read_disjoint_shards(mixed_spec, tokenizer_dir):  # noqa: F811
     config = data_config(tokenizer_dir, [mixed_spec], batch_size=2, num_epochs=1)
     shards = []
@@ -163,7 +184,7 @@ def test_resumed_in_a_new_process_the_stream_continues_exactly(mixed_spec, token
     records = json.load(open(mixed_spec.path))
     records.insert(2, {"id": "lost", "video": "lost.mp4", "conversations": conversation("?", "!", "<video>")})
     spec = dataclasses.replace(mixed_spec, path=write_json(str(tmp_path / "with_bad.json"), records))
-    config = data_config(tokenizer_dir, [spec], batch_size=2, num_workers=2, seed=5)
+    config = data_config(tokenizer_dir, [spec], batch_size=2, num_workers=2, seed=5, random_crop=True)
     done, following = 3, 5
 
     with Loader(config, 0, 1) as loader:

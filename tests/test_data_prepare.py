@@ -95,3 +95,8 @@ def test_a_prepared_folder_refuses_other_settings(mixed_spec, tokenizer_dir, tmp
         Loader(dataclasses.replace(config, datasets=(DatasetSpec(out),), num_frames=8), 0, 1)
     with pytest.raises(FileExistsError):
         prepare_lib.prepare(config, out, "jpeg")
+    # Prepared frames are cropped once, at prepare time: no random crop from them, nor into them.
+    with pytest.raises(ValueError, match="random_crop needs the JSON records"):
+        Loader(dataclasses.replace(config, datasets=(DatasetSpec(out),), random_crop=True), 0, 1)
+    with pytest.raises(ValueError, match="random_crop is a training-time option"):
+        prepare_lib.prepare(dataclasses.replace(config, random_crop=True), str(tmp_path / "p2"), "jpeg")

@@ -120,7 +120,8 @@ def data_config(config, specs, data: str, tok: str, num_patches: int, *, train: 
                                  weight=float(s.get("weight", 1.0))) for s in specs)
     return DataConfig(datasets=datasets, tokenizer_path=tok, num_frames=config.model.num_frames,
                       frame_mode=config.data.frame_mode, image_size=config.data.image_size,
-                      resize_size=config.data.resize_size, max_length=config.data.max_length,
+                      resize_size=config.data.resize_size, random_crop=train and config.data.random_crop,
+                      max_length=config.data.max_length,
                       num_patches=num_patches, batch_size=config.batch_size,
                       seed=config.seed if train else config.seed + 1, shuffle=train,
                       num_epochs=None if train else 1,

@@ -41,6 +41,11 @@ class DataConfig:
     # "bilinear" follows the spec (cv2 INTER_LINEAR). The reference's transform, read closely, calls
     # `Resize(256)` whose default is nearest-neighbour: "nearest" reproduces that.
     resize_interpolation: str = "bilinear"
+    # Training augmentation, off in the reference recipe: each video's crop is drawn at random
+    # within the resized frame (one offset for all its frames, so motion is unchanged) instead of
+    # centred. Images keep the CLIP processor's centre crop. Needs the media files (JSON
+    # datasets): a prepared dataset stores frames already cropped.
+    random_crop: bool = False
     # Images or frames with a shorter side than this are skipped as broken (e.g. 1x1 pixels).
     min_media_side: int = 8
     max_length: int = 2048

@@ -81,26 +81,37 @@ def _reference_resize_size(height: int, width: int, short_side: int) -> tuple[in
     return short_side, int(short_side * width / height)
 
 
-def resize_and_center_crop(frames: np.ndarray, resize_size: int, crop_size: int, interpolation: str) -> np.ndarray:
+def resize_and_center_crop(frames: np.ndarray, resize_size: int, crop_size: int, interpolation: str,
+                           rng: np.random.Generator | None = None) -> np.ndarray:
     """Video frames [N, H, W, 3] -> [N, crop, crop, 3]: short side to `resize_size` with cv2, then
-    the reference's centre crop (offset `int(round((size - crop) / 2))`, Python's round)."""
+    the reference's centre crop (offset `int(round((size - crop) / 2))`, Python's round), or with
+    `rng` a crop at an offset drawn uniformly, the same for every frame."""
     height, width = frames.shape[1:3]
     if min(height, width) != resize_size:
         new_height, new_width = _reference_resize_size(height, width, resize_size)
         flag = _CV2_INTERPOLATION[interpolation]
         frames = np.stack([cv2.resize(f, (new_width, new_height), interpolation=flag) for f in frames])
         height, width = new_height, new_width
-    top = int(round((height - crop_size) / 2.0))
-    left = int(round((width - crop_size) / 2.0))
+    if rng is None:
+        top = int(round((height - crop_size) / 2.0))
+        left = int(round((width - crop_size) / 2.0))
+    else:
+        top = int(rng.integers(0, height - crop_size + 1))
+        left = int(rng.integers(0, width - crop_size + 1))
     return np.ascontiguousarray(frames[:, top : top + crop_size, left : left + crop_size])
 
 
-def load_video_frames(video: VideoFile, indices: np.ndarray, config: DataConfig) -> np.ndarray:
-    """Sampled frames of an opened video as uint8 [len(indices), image_size, image_size, 3]."""
+def load_video_frames(video: VideoFile, indices: np.ndarray, config: DataConfig,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """Sampled frames of an opened video as uint8 [len(indices), image_size, image_size, 3];
+    cropped at random when `config.random_crop` (then `rng` is required)."""
     frames = video.read(indices)
     if min(frames.shape[1:3]) < config.min_media_side:
         raise SkipRecord("media_too_small", f"{video.path}: {frames.shape[2]}x{frames.shape[1]}")
-    return resize_and_center_crop(frames, config.resize_size, config.image_size, config.resize_interpolation)
+    if config.random_crop and rng is None:
+        raise ValueError("random_crop needs a random generator")
+    return resize_and_center_crop(frames, config.resize_size, config.image_size, config.resize_interpolation,
+                                  rng if config.random_crop else None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

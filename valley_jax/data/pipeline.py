@@ -29,11 +29,12 @@ from valley_jax.data.transforms import DropSkippedIterDataset, JsonRecordToExamp
 
 def _example_dataset(spec: DatasetSpec, index: int, config: DataConfig, encoder: TextEncoder) -> grain.MapDataset:
     if prepare.is_prepared(spec.path):
+        if config.random_crop:
+            raise ValueError(f"{spec.path}: a prepared dataset stores its frames already cropped; "
+                             "random_crop needs the JSON records and their media files")
         source = prepare.open_prepared(spec.path, config, encoder.ids)
-        to_example = PreparedRecordToExample(config)
     else:
         source = read_records(spec.path)
-        to_example = JsonRecordToExample(config, spec, encoder)
     dataset = grain.MapDataset.source(source)
     if len(dataset) == 0:
         raise ValueError(f"{spec.path}: no records")
@@ -41,7 +42,10 @@ def _example_dataset(spec: DatasetSpec, index: int, config: DataConfig, encoder:
         # Shuffle before repeat: every epoch is shuffled anew, and epochs do not blend.
         dataset = dataset.shuffle(seed=config.seed + index)
     dataset = dataset.repeat(config.num_epochs)
-    return dataset.map(to_example)
+    if prepare.is_prepared(spec.path):
+        return dataset.map(PreparedRecordToExample(config))
+    # Seeded per element index (after repeat: each epoch draws anew), so a resumed run repeats it.
+    return dataset.random_map(JsonRecordToExample(config, spec, encoder), seed=config.seed + index)
 
 
 class Loader:

@@ -79,6 +79,8 @@ def prepare(config: DataConfig, out_dir: str, frame_format: str = "jpeg", jpeg_q
     """Writes config.datasets[0] (a JSON file) as ArrayRecord under out_dir; returns the stats."""
     if len(config.datasets) != 1 or is_prepared(config.datasets[0].path):
         raise ValueError("prepare takes exactly one JSON dataset")
+    if config.random_crop:
+        raise ValueError("prepare stores the centre crop; random_crop is a training-time option")
     spec = config.datasets[0]
     if os.path.exists(os.path.join(out_dir, DATASET_NAME)):
         # tfds would silently keep the old files and never run the generator below.
@@ -91,7 +93,7 @@ def prepare(config: DataConfig, out_dir: str, frame_format: str = "jpeg", jpeg_q
     # workers' outputs round-robin, which is the source order.
     stream = (
         grain.MapDataset.source(records)
-        .map(JsonRecordToExample(config, spec, encoder))
+        .random_map(JsonRecordToExample(config, spec, encoder), seed=0)  # the rng goes unused
         .map(ExampleToStored(frame_format, jpeg_quality))
         .to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4))
     )

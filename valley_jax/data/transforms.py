@@ -30,22 +30,25 @@ def _empty_media(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((config.num_frames, size, size, 3), np.uint8), np.zeros(config.num_frames, bool)
 
 
-class JsonRecordToExample(grain.transforms.Map):
-    """A Valley/LLaVA JSON record (bytes) -> an example, or a `Skipped` marker."""
+class JsonRecordToExample(grain.transforms.RandomMap):
+    """A Valley/LLaVA JSON record (bytes) -> an example, or a `Skipped` marker.
+
+    A random map: Grain seeds `rng` from the dataset's seed and the element's index, so the
+    random crop (`DataConfig.random_crop`, the only use of it) is the same on a resumed run."""
 
     def __init__(self, config: DataConfig, spec: DatasetSpec, encoder: TextEncoder):
         self._config = config
         self._spec = spec
         self._encoder = encoder
 
-    def map(self, raw: bytes):
+    def random_map(self, raw: bytes, rng: np.random.Generator):
         record = json.loads(raw)
         try:
-            return self._to_example(parse_record(record))
+            return self._to_example(parse_record(record), rng)
         except SkipRecord as skip:
             return Skipped(skip.reason, record_id(record), skip.detail)
 
-    def _to_example(self, record) -> dict:
+    def _to_example(self, record, rng: np.random.Generator) -> dict:
         config = self._config
         # Open the media and count its frames first, then tokenise, and only then decode pixels:
         # records that will be skipped for their text cost no decoding.
@@ -67,7 +70,7 @@ class JsonRecordToExample(grain.transforms.Map):
 
         frames, frame_mask = _empty_media(config)
         if video is not None:
-            frames[:num_media_frames] = frames_lib.load_video_frames(video, frame_indices, config)
+            frames[:num_media_frames] = frames_lib.load_video_frames(video, frame_indices, config, rng)
         elif image_path is not None:
             frames[0] = frames_lib.load_image(image_path, config)
         frame_mask[:num_media_frames] = True
