@@ -23,7 +23,6 @@ rerun replays the same replies without a single request.
 from __future__ import annotations
 
 import ast
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -344,6 +343,10 @@ class JudgeClient:
         self.cache = ReplyCache(self.cache_path)
         self.requests = 0  # HTTP requests made (cache hits make none)
         self._count_lock = threading.Lock()
+        # Asking is check-the-cache-then-post: two threads with the same prompt would both miss
+        # and both post. A lock per stripe of keys makes the second wait and read the cache (256
+        # stripes: unrelated prompts of a few workers rarely share one, and then only queue).
+        self._key_locks = [threading.Lock() for _ in range(256)]
         self.served_models: set[str] = set()  # the `model` the endpoint says answered
 
     def describe(self) -> dict:
@@ -361,6 +364,10 @@ class JudgeClient:
         """The reply text to `messages` (the `attempt`-th time they are asked), from the cache
         or the endpoint."""
         key = self.cache_key(messages, attempt)
+        with self._key_locks[int(key[:8], 16) % len(self._key_locks)]:
+            return self._cached_or_asked(key, messages)
+
+    def _cached_or_asked(self, key: str, messages: list[dict]) -> str:
         cached = self.cache.get(key)
         if cached is not None:
             if cached.get("served_model"):
@@ -419,42 +426,23 @@ class JudgeClient:
 
     def judge_all(self, task: Task, items: Sequence[dict], workers: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[Verdict]:
-        """Verdicts for many items (fields dicts), `workers` requests in flight; in order.
-
-        Identical items are asked once: concurrent workers would otherwise all miss the cache
-        for the same prompt and each send it."""
-        index: dict[str, int] = {}  # fields -> position among the distinct items
-        distinct, which = [], []
-        for fields in items:
-            key = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-            if key not in index:
-                index[key] = len(distinct)
-                distinct.append(fields)
-            which.append(index[key])
-        copies = collections.Counter(which)
-
-        def done(i: int) -> None:
-            if progress:
-                progress(copies[i])
-
+        """Verdicts for many items (fields dicts), `workers` requests in flight; in order."""
         if workers <= 1:
             verdicts = []
-            for i, fields in enumerate(distinct):
+            for fields in items:
                 verdicts.append(self.judge(task, fields))
-                done(i)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                futures = {pool.submit(self.judge, task, fields): i
-                           for i, fields in enumerate(distinct)}
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        future.result()  # the first failure stops the rest (the cache keeps
-                        done(futures[future])  # the finished ones)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
-                verdicts = [None] * len(distinct)
-                for future, i in futures.items():
-                    verdicts[i] = future.result()
-        return [verdicts[i] for i in which]
+                if progress:
+                    progress(1)
+            return verdicts
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self.judge, task, fields) for fields in items]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()  # the first failure stops the rest (the cache keeps the done)
+                    if progress:
+                        progress(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+            return [f.result() for f in futures]

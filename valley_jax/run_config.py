@@ -45,7 +45,8 @@ def base(stage: str) -> ml_collections.ConfigDict:
         frame_mode="fixed",  # fixed | fps
         image_size=224, resize_size=256,
         # Training only: videos cropped at a random offset instead of centred (data augmentation;
-        # Valley has none: the demo's from-scratch ViT uses it). Evaluation always centre-crops.
+        # Valley has none, and the demo runs without it: BENCHMARKS.md, "CPU demo"). Evaluation
+        # always centre-crops.
         random_crop=False,
         num_workers=2,
         val_batches=4,  # held-out loss over this many batches

@@ -28,7 +28,8 @@ from valley_jax.data.transforms import DropSkippedIterDataset, JsonRecordToExamp
 
 
 def _example_dataset(spec: DatasetSpec, index: int, config: DataConfig, encoder: TextEncoder) -> grain.MapDataset:
-    if prepare.is_prepared(spec.path):
+    prepared = prepare.is_prepared(spec.path)
+    if prepared:
         if config.random_crop:
             raise ValueError(f"{spec.path}: a prepared dataset stores its frames already cropped; "
                              "random_crop needs the JSON records and their media files")
@@ -42,7 +43,7 @@ def _example_dataset(spec: DatasetSpec, index: int, config: DataConfig, encoder:
         # Shuffle before repeat: every epoch is shuffled anew, and epochs do not blend.
         dataset = dataset.shuffle(seed=config.seed + index)
     dataset = dataset.repeat(config.num_epochs)
-    if prepare.is_prepared(spec.path):
+    if prepared:
         return dataset.map(PreparedRecordToExample(config))
     # Seeded per element index (after repeat: each epoch draws anew), so a resumed run repeats it.
     return dataset.random_map(JsonRecordToExample(config, spec, encoder), seed=config.seed + index)
