@@ -3,6 +3,7 @@ single prompts, stops and EOS end a row where the text says, sampling is seeded,
 compiles once per bucket. A tiny random Valley and a small sentencepiece tokenizer are built
 here (the builders are shared with test_chat.py); every check is an exact value."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -12,8 +13,8 @@ import pytest
 from flax import nnx
 
 from valley_jax import generate as gen
-from valley_jax import hf, tokens
-from valley_jax.config import LlamaConfig, ValleyConfig, VisionConfig
+from valley_jax import hf, lora, tokens
+from valley_jax.config import LlamaConfig, LoraConfig, ValleyConfig, VisionConfig
 from valley_jax.data import synthetic
 from valley_jax.data.text import load_tokenizer
 from valley_jax.layers import Policy
@@ -111,6 +112,29 @@ def test_greedy_cached_decoding_is_the_full_forward_argmax(world):
     ids = np.concatenate([prompt, out[:-1]])[None]
     logits = np.asarray(full_forward(model, ids, frames, frame_mask))[0]
     assert np.argmax(logits[len(prompt) - 1:], axis=-1).tolist() == out
+
+
+def test_lora_decoding_is_the_full_forward_argmax_and_the_merged_models(world):
+    """With LoRA adapters the decode loop runs the layers' own projections (the plain model's
+    wide fused ones have no adapters): the same tokens as the full forward and as the model
+    with the adapters merged in, which decodes through the fused projections."""
+    tokenizer, _ = world
+    cfg = tiny_config(tokenizer)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, lora=LoraConfig(rank=4)))
+    model = random_model(cfg, seed=5)  # lora_b random too: the adapters change every product
+    params, merged_cfg = lora.merge(hf.get_flat(model), cfg)
+    merged = nnx.eval_shape(lambda: Valley(merged_cfg, Policy(), rngs=nnx.Rngs(0)))
+    hf.set_flat(merged, params)
+    prompt = encode(tokenizer, "Which way does the red square move?", NUM_FRAMES)
+    frames, frame_mask = random_frames(NUM_FRAMES, 6)[None], np.ones((1, NUM_FRAMES), bool)
+    sampling = gen.SamplingConfig(max_new_tokens=16)
+    out = gen.generate(model, [prompt], frames, frame_mask, sampling=sampling)[0]
+    assert len(set(out)) > 4
+    logits = nnx.jit(lambda m, ids: m(ids, frames, frame_mask)[0])(
+        model, np.concatenate([prompt, out[:-1]])[None])
+    assert np.argmax(np.asarray(logits)[0, len(prompt) - 1:], axis=-1).tolist() == out
+    assert gen.generate(merged, [prompt], frames, frame_mask, sampling=sampling)[0] == out
+    assert streamed(model, [prompt], frames, frame_mask, sampling=sampling) == [out]
 
 
 # ---------------------------------------------------------------------------------------------
