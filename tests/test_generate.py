@@ -115,9 +115,8 @@ def test_greedy_cached_decoding_is_the_full_forward_argmax(world):
 
 
 def test_lora_decoding_is_the_full_forward_argmax_and_the_merged_models(world):
-    """With LoRA adapters the decode loop runs the layers' own projections (the plain model's
-    wide fused ones have no adapters): the same tokens as the full forward and as the model
-    with the adapters merged in, which decodes through the fused projections."""
+    """With unmerged LoRA adapters in every projection, decoding (fused loop and streamed)
+    gives the full forward's argmax and the same tokens as the model with them merged in."""
     tokenizer, _ = world
     cfg = tiny_config(tokenizer)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, lora=LoraConfig(rank=4)))

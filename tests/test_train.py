@@ -208,3 +208,27 @@ def test_accuracy_table_prints_chance_levels(tmp_path):
         "  colour         1.000   n=2      chance 0.167\n"
         "  count          0.500   n=2      chance 0.500")
     assert train.chance_levels(str(tmp_path / "absent")) == {}
+
+
+def test_an_init_checkpoint_of_another_architecture_is_refused(uninterrupted):
+    """A stage-1 model with one LLM layer more than the run's: a clear error naming the
+    checkpoint and the parameters, not its stacked layers written into the smaller model."""
+    import dataclasses
+
+    import ml_collections
+
+    from valley_jax import train
+    from valley_jax.layers import Policy
+
+    path = os.path.join(uninterrupted[0], "model")
+    saved = checkpoint.load_config(path)
+    config = ml_collections.ConfigDict(dict(seed=0))
+    loaded = hf.get_flat(train.build_model(config, saved, Policy(), path))
+    for p, v in final_params(uninterrupted[0]).items():
+        np.testing.assert_array_equal(loaded[p], v)
+    deeper = dataclasses.replace(saved, llm=dataclasses.replace(saved.llm, depth=saved.llm.depth + 1))
+    with pytest.raises(ValueError, match=rf"init.checkpoint {path} does not fit") as error:
+        train.build_model(config, deeper, Policy(), path)
+    depth, width = saved.llm.depth, saved.llm.hidden
+    assert f"llm.layers.attn_norm.scale ({depth}, {width}) (the model's: ({depth + 1}, {width}))" \
+        in str(error.value)

@@ -526,22 +526,22 @@ def get_flat(model) -> dict[Path, np.ndarray]:
 
 
 def set_flat(model, flat: Mapping[Path, np.ndarray], strict: bool = True) -> None:
-    """Writes arrays into the model's variables in place (cast to each variable's dtype)."""
+    """Writes arrays into the model's variables in place (cast to each variable's dtype).
+    Every array must have its variable's shape: a checkpoint of another architecture (e.g. one
+    layer more) is refused, not written in."""
     import jax.numpy as jnp
     from flax import nnx
-    seen = set()
-    for p, v in nnx.iter_graph(model):
-        if not isinstance(v, nnx.Variable):
-            continue
-        p = tuple(p)
+    variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+    if strict and (missing := sorted(p for p in variables if p not in flat)):
+        raise KeyError(f"no value for parameter {'.'.join(map(str, missing[0]))}")
+    if unused := set(flat) - set(variables):
+        raise KeyError(f"values for unknown parameters: {sorted(unused)[:5]}")
+    if wrong := [f"{'.'.join(map(str, p))} {tuple(np.shape(flat[p]))} (the model's: {v.shape})"
+                 for p, v in variables.items() if p in flat and tuple(np.shape(flat[p])) != v.shape]:
+        raise ValueError(f"{len(wrong)} parameters have the wrong shape: {'; '.join(wrong[:5])}")
+    for p, v in variables.items():
         if p in flat:
             v.set_value(jnp.asarray(flat[p], dtype=v.get_value().dtype))
-            seen.add(p)
-        elif strict:
-            raise KeyError(f"no value for parameter {'.'.join(map(str, p))}")
-    unused = set(flat) - seen
-    if unused:
-        raise KeyError(f"values for unknown parameters: {sorted(unused)[:5]}")
 
 
 def clip_prefix(keys, root: str = "") -> str:

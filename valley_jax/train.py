@@ -158,7 +158,11 @@ def build_model(config, cfg: config_lib.ValleyConfig, policy: Policy, init_check
         if fresh:
             log.info("not in %s, freshly initialised: %s", init_checkpoint,
                      ", ".join(".".join(p) for p in fresh))
-        hf.set_flat(model, {**init, **{p: v for p, v in flat.items() if p in init}})
+        try:
+            hf.set_flat(model, {**init, **{p: v for p, v in flat.items() if p in init}})
+        except ValueError as e:
+            raise ValueError(f"init.checkpoint {init_checkpoint} does not fit this run's model "
+                             f"(config.model): {e}") from None
         return model
     return Valley(cfg, policy, rngs=nnx.Rngs(config.seed))
 
