@@ -220,28 +220,29 @@ def bench_cache_length(model: Valley, repeats: int) -> dict:
     llm = model.llm
     graphdef, state = nnx.split(llm)
 
-    def through_llama(state, token, pos, cache):
+    def through_llama(state, layers, token, pos, cache):
         m = nnx.merge(graphdef, state)
         logits, cache = m(m.embed_tokens(token[:, None]), pos[:, None],
                           jnp.ones((token.shape[0], 1), bool), cache)
         return logits[:, -1], cache
 
-    def through_generate(state, token, pos, cache):
-        return gen._decode_forward(nnx.merge(graphdef, state), token, pos, cache)
+    def through_generate(state, layers, token, pos, cache):
+        return gen._decode_forward(nnx.merge(graphdef, state), token, pos, cache, layers)
 
     results = {}
     for name, fn in (("llama_call", through_llama), ("generate_step", through_generate)):
-        step = jax.jit(fn, donate_argnums=(3,))
+        step = jax.jit(fn, donate_argnums=(4,))
+        layers = jax.jit(gen.copied_layers)(llm) if name == "generate_step" else None
         for batch in (1, 8):
             for slots in (128, 2048):
                 cache = llm.init_cache(batch, slots)
-                if name == "generate_step":  # its layout: [layers, B, kv_heads, slots, head_dim]
-                    cache = dict(cache, k=cache["k"].swapaxes(2, 3), v=cache["v"].swapaxes(2, 3))
+                if name == "generate_step":  # its layout: one [B * kv_heads, slots, D] per layer
+                    cache = gen.decode_cache(cache)
                 box = [dict(cache, index=jnp.int32(60))]
                 token, pos = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 60, jnp.int32)
 
                 def run():
-                    logits, box[0] = step(state, token, pos, box[0])
+                    logits, box[0] = step(state, layers, token, pos, box[0])
                     logits.block_until_ready()
 
                 results[f"{name}_b{batch}_s{slots}_ms"] = 1000 * best_time(run, 5 * repeats)

@@ -114,6 +114,33 @@ def test_greedy_cached_decoding_is_the_full_forward_argmax(world):
     assert np.argmax(logits[len(prompt) - 1:], axis=-1).tolist() == out
 
 
+def test_decode_step_slicing_the_stack_equals_the_copied_layers_and_the_full_forward(world):
+    """The decode step as other backends run it (each layer's weights sliced from the stack
+    inside the step) gives the logits of the CPU's path (layers copied once) and of the full
+    forward at the new token, for a batch of two over a cache filled by the prompt."""
+    tokenizer, model = world
+    llm = model.llm
+    texts = [encode(tokenizer, "Which colour is the square?"),
+             encode(tokenizer, "Which shape is the red circle?")]
+    prompt = np.stack([t[:min(map(len, texts))] for t in texts])
+    b, p = prompt.shape
+    positions = np.broadcast_to(np.arange(p), (b, p))
+    cache = llm.init_cache(b, 64)
+    _, cache = llm(llm.embed_tokens(prompt), positions, np.ones((b, p), bool), cache)
+    cache = gen.decode_cache(cache)
+    assert len(cache["k"]) == llm.cfg.depth
+    assert cache["k"][0].shape == (b * llm.cfg.kv_heads, 64, llm.cfg.head_dim)
+    token, pos = jnp.asarray([7, 11], jnp.int32), jnp.full((b,), p, jnp.int32)
+    step = nnx.jit(lambda m, layers: gen._decode_forward(m, token, pos, cache, layers)[0])
+    sliced = np.asarray(step(llm, None))
+    copied = np.asarray(step(llm, gen.split_layers(llm)))
+    np.testing.assert_allclose(sliced, copied, rtol=0, atol=1e-6)
+    ids = np.concatenate([prompt, np.asarray(token)[:, None]], axis=1)
+    full = nnx.jit(lambda m, ids: m(m.embed_tokens(ids), np.broadcast_to(np.arange(p + 1), ids.shape),
+                                    np.ones(ids.shape, bool))[0])(llm, ids)
+    np.testing.assert_allclose(sliced, np.asarray(full)[:, -1], rtol=0, atol=1e-4)
+
+
 def test_lora_decoding_is_the_full_forward_argmax_and_the_merged_models(world):
     """With unmerged LoRA adapters in every projection, decoding (fused loop and streamed)
     gives the full forward's argmax and the same tokens as the model with them merged in."""

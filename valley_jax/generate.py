@@ -246,9 +246,18 @@ def _advance(dec: Decoding, logits, knobs: Knobs, stop: StopMatcher, greedy: boo
                     stop_state=stop.next_state[dec.stop_state, tok], pos=dec.pos + 1, step=step)
 
 
+def decode_cache(cache: dict) -> dict:
+    """`Llama`'s cache (k, v [layers, B, slots, kv_heads, head_dim]) in the decode layout: k and
+    v as tuples of one [B * kv_heads, slots, head_dim] array per layer (see `_decode_forward`)."""
+    layers, b, slots, kv_heads, head_dim = cache["k"].shape
+    per_layer = lambda a: tuple(a[i].swapaxes(1, 2).reshape(b * kv_heads, slots, head_dim)
+                                for i in range(layers))
+    return dict(cache, k=per_layer(cache["k"]), v=per_layer(cache["v"]))
+
+
 def _prefill_body(model, ids, mask, frames, frame_mask, knobs, stop, cache_len, greedy):
     """Runs the prompts into a fresh cache of `cache_len` slots and samples the first token.
-    Returns the decode state and the cache in the decode layout (see `_decode_forward`)."""
+    Returns the decode state and the cache in the decode layout (`decode_cache`)."""
     b = ids.shape[0]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     cache = model.llm.init_cache(b, cache_len)
@@ -256,32 +265,40 @@ def _prefill_body(model, ids, mask, frames, frame_mask, knobs, stop, cache_len, 
     start = Decoding(token=jnp.zeros((b,), jnp.int32), emit=jnp.zeros((b,), bool),
                      done=jnp.zeros((b,), bool), stop_state=jnp.zeros((b,), jnp.int32),
                      pos=positions[:, -1], step=jnp.int32(-1))
-    cache = dict(cache, k=cache["k"].swapaxes(2, 3), v=cache["v"].swapaxes(2, 3))
-    return _advance(start, logits[:, -1], knobs, stop, greedy), cache
+    return _advance(start, logits[:, -1], knobs, stop, greedy), decode_cache(cache)
 
 
 def split_layers(llm) -> list:
-    """The decoder's stacked layer weights as one state per layer (copies, made once): the
-    fused decode loop then reads each layer's weights where they are, where a scan over the
-    stacked weights copies every layer's slice out of the stack on every token."""
+    """The decoder's stacked layer weights as one state per layer: static slices of the stack."""
     _, states = nnx.split(llm.layers)
     return [jax.tree.map(lambda a, i=i: a[i], states) for i in range(llm.cfg.depth)]
 
 
+def copied_layers(llm) -> list | None:
+    """What a decode loop passes as `layers` to `_decode_forward`. XLA:CPU does not fuse a slice
+    into a matrix product: a slice of the stacked weights taken inside the step is copied out of
+    the stack on every token (BENCHMARKS.md "Generation"), so on the CPU the per-layer weights
+    are copied once, before the loop. Elsewhere (None) the step slices the stack itself, so no
+    second copy of the weights is held for the whole call (accelerator compilers can fuse the
+    slice into its consumer; not measured here: no accelerator)."""
+    return split_layers(llm) if jax.default_backend() == "cpu" else None
+
+
 def _decode_forward(llm, token, pos, cache, layers=None):
     """Logits [B, V] of one new token per row (ids `token` [B] at RoPE positions `pos` [B]),
-    and the cache with its keys and values written. `layers`: the per-layer weights of
-    `split_layers` (then the layers run unrolled), or None (a scan over the stacked weights).
+    and the cache with its keys and values written. `layers`: per-layer weights
+    (`copied_layers`), or None to slice the stacked weights here.
 
-    Decoding keeps its own cache layout, k and v [layers, B, kv_heads, slots, head_dim], and
-    threads the whole cache through the layer scan as carry. `Llama.__call__` passes each
-    layer's [B, slots, kv_heads, head_dim] slab in and out of the scan as xs/ys and attends over
-    it in that layout, so every token copies (and transposes) the whole cache: a step's time
-    grew with the cache length (58M decoder, batch 8: 80-100 ms at 128 slots, 0.9-1.3 s at
-    2048; this step: 30-36 ms and 0.18-0.26 s; BENCHMARKS.md "Generation"). Here a step writes
-    one slot in place and the attention contracts the cache in the order it is stored. The
-    arithmetic is the layer's own (its norms, projections and RoPE); tests/test_generate.py
-    holds it to the full forward.
+    The cache is in the decode layout (`decode_cache`): one k and one v array per layer,
+    [B * kv_heads, slots, head_dim]. A step writes one slot of each in place and the attention
+    reads each once, in the order it is stored. Slower on the CPU (BENCHMARKS.md "Generation"):
+    `Llama`'s layout, whose [B, slots, kv_heads, head_dim] slabs go in and out of the layer
+    scan, so a step copied the whole cache (58M decoder, batch 8: 80-100 ms at 128 slots,
+    0.9-1.3 s at 2048); one [layers, ...] array, whose layer slices XLA:CPU copies out before
+    the attention's products; and [B, kv_heads, ...] per layer, where a batch of one became a
+    reshape between the slot update and the attention and XLA copied the cache around it.
+    The layers run unrolled; the arithmetic is the layer's own (norms, projections, RoPE), and
+    tests/test_generate.py holds it to the full forward.
     """
     cfg = llm.cfg
     b, groups = token.shape[0], cfg.heads // cfg.kv_heads
@@ -290,42 +307,35 @@ def _decode_forward(llm, token, pos, cache, layers=None):
                                                  axis=1)
     inv_freq = rope_frequencies(cfg)
     positions = pos[:, None]
-    graphdef, layer_states = nnx.split(llm.layers)
-
-    def layer_step(carry, xs):
-        h, k_cache, v_cache = carry
-        layer_state, i = xs
+    graphdef = nnx.graphdef(llm.layers)
+    h = llm.embed_tokens(token[:, None])
+    k_out, v_out = [], []
+    for layer_state, k_cache, v_cache in zip(layers or split_layers(llm), cache["k"],
+                                             cache["v"]):
         layer = nnx.merge(graphdef, layer_state)
         y = layer.attn_norm(h)
         q = apply_rope(layer.q(y), positions, inv_freq)  # [B, 1, heads, D]
         k = apply_rope(layer.k(y), positions, inv_freq)  # [B, 1, kv_heads, D]
         v = layer.v(y)
-        slot = (i, 0, 0, index, 0)
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, k.swapaxes(1, 2)[None].astype(k_cache.dtype), slot)
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v.swapaxes(1, 2)[None].astype(v_cache.dtype), slot)
-        keys, values = k_cache[i].astype(q.dtype), v_cache[i].astype(q.dtype)  # [B, K, S, D]
+        k = k.swapaxes(1, 2).reshape(b * cfg.kv_heads, 1, cfg.head_dim)
+        v = v.swapaxes(1, 2).reshape(b * cfg.kv_heads, 1, cfg.head_dim)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0))
         # Query head n reads kv head n // groups, as grouped-query attention does.
-        q = q.reshape(b, cfg.kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bkgd,bksd->bkgs", q, keys, preferred_element_type=jnp.float32)
-        scores = jnp.where(key_ok[:, None, None, :], scores / np.sqrt(cfg.head_dim), -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        attended = jnp.einsum("bkgs,bksd->bkgd", probs, values).reshape(b, 1, cfg.heads, -1)
-        h = h + layer.o(attended)
+        q = q.reshape(b * cfg.kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("ngd,nsd->ngs", q, k_cache.astype(q.dtype),
+                            preferred_element_type=jnp.float32).reshape(b, -1, key_ok.shape[1])
+        scores = jnp.where(key_ok[:, None, :], scores / np.sqrt(cfg.head_dim), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        probs = probs.reshape(b * cfg.kv_heads, groups, -1)
+        attended = jnp.einsum("ngs,nsd->ngd", probs, v_cache.astype(q.dtype))
+        h = h + layer.o(attended.reshape(b, 1, cfg.heads, cfg.head_dim))
         y = layer.mlp_norm(h)
         h = h + layer.down(jax.nn.silu(layer.gate(y)) * layer.up(y))
-        return (h, k_cache, v_cache), None
-
-    carry = (llm.embed_tokens(token[:, None]), cache["k"], cache["v"])
-    if layers is None:
-        carry, _ = jax.lax.scan(layer_step, carry, (layer_states, jnp.arange(cfg.depth)))
-    else:
-        for i, layer_state in enumerate(layers):
-            carry, _ = layer_step(carry, (layer_state, i))
-    h, k_cache, v_cache = carry
+        k_out.append(k_cache)
+        v_out.append(v_cache)
     logits = llm.lm_head(llm.norm(h)).astype(jnp.float32)[:, -1]
-    return logits, dict(k=k_cache, v=v_cache, mask=key_ok, index=index + 1)
+    return logits, dict(k=tuple(k_out), v=tuple(v_out), mask=key_ok, index=index + 1)
 
 
 def _step_body(llm, dec: Decoding, cache, knobs, stop, greedy, layers=None):
@@ -344,8 +354,13 @@ def _prefill(graphdef, state, ids, mask, frames, frame_mask, knobs, stop, *, cac
 # The cache is donated: each step updates it in place instead of copying every layer's keys
 # and values. The small per-row state is not, so it stays readable while the next step runs.
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
-def _step(graphdef, state, dec, cache, knobs, stop, *, greedy):
-    return _step_body(nnx.merge(graphdef, state), dec, cache, knobs, stop, greedy)
+def _step(graphdef, state, layers, dec, cache, knobs, stop, *, greedy):
+    return _step_body(nnx.merge(graphdef, state), dec, cache, knobs, stop, greedy, layers)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _copied_layers(graphdef, state):
+    return copied_layers(nnx.merge(graphdef, state))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
@@ -358,7 +373,7 @@ def _generate_fused(graphdef, state, ids, mask, frames, frame_mask, knobs, stop,
     room = cache_len - ids.shape[1] + 1
     out = jnp.zeros((ids.shape[0], room), jnp.int32).at[:, 0].set(dec.token)
     lengths = dec.emit.astype(jnp.int32)  # a row's output is a prefix: emit stays off once done
-    layers = split_layers(model.llm)
+    layers = copied_layers(model.llm)
 
     def cond(carry):
         dec = carry[0]
@@ -445,11 +460,12 @@ def stream(model, prompts: Sequence[np.ndarray], frames=None, frame_mask=None, *
     dec, cache = _prefill(graphdef, state, batch.ids, batch.mask, frames, frame_mask, knobs,
                           stop, cache_len=batch.cache_len, greedy=greedy)
     llm_graphdef, llm_state = nnx.split(model.llm)  # a decode step needs the decoder only
+    layers = _copied_layers(llm_graphdef, llm_state)
     for i in range(sampling.max_new_tokens):
         current = dec
         if i + 1 < sampling.max_new_tokens:
             # Dispatched before `current` is read: the device runs the next step meanwhile.
-            dec, cache = _step(llm_graphdef, llm_state, current, cache, knobs, stop,
+            dec, cache = _step(llm_graphdef, llm_state, layers, current, cache, knobs, stop,
                                greedy=greedy)
         token, emit, done = jax.device_get((current.token, current.emit, current.done))
         yield np.where(emit, token, -1)
