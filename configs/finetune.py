@@ -28,7 +28,10 @@ def get_config(arg: str = "7b"):
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0
         c.eval_every = c.checkpoint_every = 750
-        c.model.train_vision = True  # the demo's ViT is random, not pretrained CLIP: let it learn
+        # The demo's ViT is not CLIP but pretrained for a minute to tag frames (stage 1's
+        # vision_pretrain_steps): it keeps learning here. Frozen, as Valley keeps CLIP, it gave
+        # shape 0.97 but direction 0.35 and move order 0.52 (BENCHMARKS.md, "CPU demo").
+        c.model.train_vision = True
         # The temporal transformer (v3): the one module whose tokens say which way a shape moves
         # (where it was when, per patch); the LLM learns to read that after ~2000 steps
         # (BENCHMARKS.md, "CPU demo"). Valley's own default, and the 7b/13b recipes', is mean (v1).

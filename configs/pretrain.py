@@ -4,7 +4,8 @@
     python -m valley_jax.train --config=configs/pretrain.py:7b --workdir=DIR \
         --config.init.vision=CLIP_DIR --config.init.llm=VICUNA_DIR --config.data.train=...
 
-Variants: demo (CPU, synthetic data), 7b, 13b (the reference recipe: lr 2e-3, warm-up 3 %,
+Variants: demo (CPU, synthetic data; its random ViT is first pretrained to tag frames, a stand-in
+for CLIP: valley_jax/vision_pretrain.py), 7b, 13b (the reference recipe: lr 2e-3, warm-up 3 %,
 cosine, batch 16 x 8, one epoch of LLaVA-CC3M-595K + WebVid-703K, AdamW b=(0.9, 0.95), wd 0).
 """
 
@@ -24,6 +25,10 @@ def get_config(arg: str = "7b"):
         c.total_steps = 60
         c.optim.lr = 2e-3
         c.eval_every = c.checkpoint_every = 30
+        # The stand-in for CLIP (which cannot be downloaded here): the random ViT first learns to
+        # tag frames with their captions' colour-shape pairs (valley_jax/vision_pretrain.py;
+        # ~2 min): held-out shape answers 0.61 -> 0.97 (BENCHMARKS.md, "CPU demo").
+        c.init.vision_pretrain_steps = 2000
         c.data.train = [dict(path="{data}/stage1.json", video_root="{data}", image_root="{data}")]
         c.data.val = [dict(path="{data}/val.json", video_root="{data}", image_root="{data}")]
     elif arg in ("7b", "13b"):

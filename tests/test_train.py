@@ -19,6 +19,7 @@ TINY = [  # the demo config, smaller: a few steps on a tiny synthetic world
     "--config.log_every=2", "--config.batch_size=4", "--config.data.synthetic_num_train=24",
     "--config.data.val_batches=1", "--config.data.num_workers=0", "--config.data.max_length=160",
     "--config.model.num_frames=4", "--config.keep_checkpoints=10",
+    "--config.init.vision_pretrain_steps=0",  # tested on its own in test_vision_pretrain.py
 ]
 
 

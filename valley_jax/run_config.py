@@ -58,6 +58,11 @@ def base(stage: str) -> ml_collections.ConfigDict:
         vision="",  # Hugging Face CLIP folder (stage 1)
         llm="",  # Hugging Face LLaMA / Vicuna folder (stage 1)
         checkpoint="",  # a valley_jax model checkpoint (a stage-1 workdir's `model/`, or convert's)
+        # A random start only (the demo, which cannot download CLIP): first pretrain the ViT for
+        # this many steps to tag frames with the colour-shape pairs their captions name
+        # (valley_jax/vision_pretrain.py), from the records of `vision_pretrain_data`.
+        vision_pretrain_steps=0,
+        vision_pretrain_data="{data}/stage1.json",  # media paths relative to its folder
     ))
 
     # Demo evaluation: answer accuracy per question type by greedy generation on these splits.

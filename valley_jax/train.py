@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
@@ -94,14 +95,21 @@ def tokenizer_path(config, data: str, init_checkpoint: str) -> str:
                      "and init.llm) to a model that has one")
 
 
-def initial_checkpoint(config, workdir: str) -> str:
+def initial_checkpoint(config, workdir: str, data: str) -> str:
     """The model checkpoint training starts from: init.checkpoint, or Hugging Face CLIP + LLM
-    folders converted once into WORKDIR/init (Valley's tokens added, new rows at the mean), or
-    '' for a random start (the demo)."""
+    folders converted once into WORKDIR/init (Valley's tokens added, new rows at the mean), or a
+    random model whose ViT is pretrained once into WORKDIR/init (init.vision_pretrain_steps), or
+    '' for a random start."""
     if config.init.checkpoint:
         return config.init.checkpoint
     if not (config.init.vision or config.init.llm):
-        return ""
+        if not config.init.vision_pretrain_steps:
+            return ""
+        path = os.path.join(workdir, "init")
+        if jax.process_index() == 0 and not os.path.exists(os.path.join(path, "config.json")):
+            _pretrain_vision_init(config, data, path)
+        _barrier("init-checkpoint")
+        return path
     if not (config.init.vision and config.init.llm):
         raise ValueError("init.vision and init.llm go together (a CLIP and a LLaMA folder)")
     path = os.path.join(workdir, "init")
@@ -111,6 +119,27 @@ def initial_checkpoint(config, workdir: str) -> str:
                         num_frames=config.model.num_frames, seed=config.seed)
     _barrier("init-checkpoint")
     return path
+
+
+def _pretrain_vision_init(config, data: str, path: str) -> None:
+    """Writes to `path` the run's random initial model with its ViT pretrained to tag frames
+    (valley_jax/vision_pretrain.py: the demo's stand-in for CLIP)."""
+    from valley_jax import vision_pretrain
+
+    tok_path = tokenizer_path(config, data, "")
+    cfg = model_config(config, special_token_ids(load_tokenizer(tok_path)), None)
+    model = Valley(cfg, policy_from(config), rngs=nnx.Rngs(config.seed))
+    records = config.init.vision_pretrain_data.format(data=data)
+    frames, tags = vision_pretrain.tagged_frames(records, os.path.dirname(records),
+                                                 config.data.resize_size)
+    log.info("vision pretraining: %d frames of %s, %d steps", len(frames), records,
+             config.init.vision_pretrain_steps)
+    result = vision_pretrain.pretrain(model, frames, tags, steps=config.init.vision_pretrain_steps,
+                                      seed=config.seed)
+    log.info("vision pretraining done: held-out %s", result)
+    # Written by this process alone, as the converters write theirs (save_model is collective).
+    model_ckpt.save_state(path, cfg, {p: np.asarray(v) for p, v in hf.get_flat(model).items()},
+                          tokenizer=tok_path)
 
 
 def data_config(config, specs, data: str, tok: str, num_patches: int, *, train: bool) -> DataConfig:
@@ -406,7 +435,7 @@ def train(config, workdir: str) -> dict:
 
     # Data.
     data = data_dir(config, workdir)
-    init_checkpoint = initial_checkpoint(config, workdir)
+    init_checkpoint = initial_checkpoint(config, workdir, data)
     tok_path = tokenizer_path(config, data, init_checkpoint)
     tokenizer = load_tokenizer(tok_path)
     ids = special_token_ids(tokenizer)

@@ -1,0 +1,92 @@
+"""The demo's vision pretraining (valley_jax/vision_pretrain.py): caption tags, a ViT that learns
+them while nothing else in the model moves, and the trainer's WORKDIR/init made once."""
+
+import dataclasses
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from valley_jax import checkpoint, hf, vision_pretrain
+from valley_jax.config import preset
+from valley_jax.data import synthetic
+from valley_jax.layers import Policy
+from valley_jax.valley import Valley
+
+from test_train import ROOT, env, final_params, train_cmd
+
+
+def tags_named(tags: np.ndarray) -> list[str]:
+    return [vision_pretrain.TAGS[i] for i in np.flatnonzero(tags)]
+
+
+def test_caption_tags_are_the_colour_shape_pairs_named():
+    assert len(vision_pretrain.TAGS) == 18
+    video = "a red square moves left, then a cyan triangle moves up"
+    assert tags_named(vision_pretrain.caption_tags(video)) == ["red square", "cyan triangle"]
+    assert tags_named(vision_pretrain.caption_tags("a green circle and a blue square")) == [
+        "green circle", "blue square"]
+    assert not vision_pretrain.caption_tags("a square moves left").any()
+
+
+def tiny_model(seed: int = 0) -> Valley:
+    cfg = preset("demo")
+    vision = dataclasses.replace(cfg.vision, image_size=28, depth=2)
+    return Valley(dataclasses.replace(cfg, vision=vision), Policy(), rngs=nnx.Rngs(seed))
+
+
+def block_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-px frames, each with one palette-coloured block of one of two shapes (a full square or
+    its lower-left triangle) somewhere on grey, and its tag."""
+    rng = np.random.default_rng(seed)
+    colours = list(synthetic.COLOURS)
+    frames = np.full((n, 32, 32, 3), 128, np.uint8)
+    tags = np.zeros((n, len(vision_pretrain.TAGS)), np.float32)
+    tri = np.tril(np.ones((12, 12), bool))
+    for i in range(n):
+        colour, shape = colours[rng.integers(6)], ("square", "triangle")[rng.integers(2)]
+        y, x = rng.integers(0, 20, 2)
+        mask = np.ones((12, 12), bool) if shape == "square" else tri
+        frames[i, y:y + 12, x:x + 12][mask] = synthetic.COLOURS[colour]
+        tags[i, vision_pretrain.TAGS.index(f"{colour} {shape}")] = 1
+    return frames, tags
+
+
+def test_pretraining_learns_the_tags_and_moves_only_the_vit():
+    model = tiny_model()
+    before = hf.get_flat(model)
+    frames, tags = block_frames(400, seed=0)
+    untrained = vision_pretrain.pretrain(tiny_model(), frames, tags, steps=0)
+    result = vision_pretrain.pretrain(model, frames, tags, steps=300, batch_size=32, lr=3e-3)
+    after = hf.get_flat(model)
+    assert set(after) == set(before)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed and all(p[0] == "vision" for p in changed)
+    # Held out (the last 40 frames): 12 tags of 18 are ever on; all of a frame's tags right.
+    assert untrained["all_tags_right"] < 0.1
+    assert result["tag_accuracy"] > 0.98 and result["all_tags_right"] >= 0.8
+
+
+def test_trainer_pretrains_the_vit_once_into_workdir_init(tmp_path):
+    workdir = str(tmp_path / "run")
+    cmd = train_cmd(workdir, "--config.init.vision_pretrain_steps=20", "--config.total_steps=4")
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "vision pretraining step 20/20" in log and "vision pretraining done" in log
+    init = hf.get_flat(checkpoint.load_model(os.path.join(workdir, "init")))
+    final = final_params(workdir)
+    random = hf.get_flat(Valley(checkpoint.load_config(os.path.join(workdir, "init")), Policy(),
+                                rngs=nnx.Rngs(0)))
+    vision = [p for p in init if p[0] == "vision"]
+    # Stage 1 keeps the ViT frozen: the model ends with the pretrained ViT, not the random one.
+    assert all(np.array_equal(final[p], init[p]) for p in vision)
+    assert any(not np.array_equal(init[p], random[p]) for p in vision)
+    # Everything else in init is the random start (same seed).
+    assert all(np.array_equal(init[p], random[p]) for p in init if p[0] != "vision")
+    # A rerun resumes (here: at the end) without pretraining again.
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "vision pretraining" not in again.stdout + again.stderr
