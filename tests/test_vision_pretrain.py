@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import numpy as np
-import pytest
 from flax import nnx
 
 from valley_jax import checkpoint, hf, vision_pretrain

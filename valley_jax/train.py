@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
@@ -138,8 +137,7 @@ def _pretrain_vision_init(config, data: str, path: str) -> None:
                                       seed=config.seed)
     log.info("vision pretraining done: held-out %s", result)
     # Written by this process alone, as the converters write theirs (save_model is collective).
-    model_ckpt.save_state(path, cfg, {p: np.asarray(v) for p, v in hf.get_flat(model).items()},
-                          tokenizer=tok_path)
+    model_ckpt.save_state(path, cfg, hf.get_flat(model), tokenizer=tok_path)
 
 
 def data_config(config, specs, data: str, tok: str, num_patches: int, *, train: bool) -> DataConfig:

@@ -22,7 +22,6 @@ import os
 import re
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,13 +61,13 @@ def tagged_frames(records_path: str, root: str, size: int) -> tuple[np.ndarray, 
             if "video" in record:
                 video = frames_lib.VideoFile(os.path.join(root, record["video"]))
                 frame = video.read(np.asarray([video.length - 1]))
+                frames.append(frames_lib.resize_and_center_crop(frame, size, size, "bilinear")[0])
             else:
-                frame = _read_image(os.path.join(root, record["image"]))
+                frames.append(_read_image(os.path.join(root, record["image"]), size))
         except SkipRecord as e:
             skipped += 1
             log.warning("vision pretraining skips record %s: %s", record.get("id"), e)
             continue
-        frames.append(frames_lib.resize_and_center_crop(frame, size, size, "bilinear")[0])
         tags.append(tag)
     if skipped:
         log.warning("vision pretraining skipped %d of %d records", skipped, len(records))
@@ -78,11 +77,12 @@ def tagged_frames(records_path: str, root: str, size: int) -> tuple[np.ndarray, 
     return np.stack(frames), np.stack(tags)
 
 
-def _read_image(path: str) -> np.ndarray:
+def _read_image(path: str, size: int) -> np.ndarray:
+    """A still as the data pipeline makes it (`clip_preprocess`), a `size` square."""
     frames_lib.check_media_file(path)
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))[None]
+            return frames_lib.clip_preprocess(image, size)
     except OSError as e:
         raise SkipRecord("corrupt_media", f"{path}: {e}") from e
 
