@@ -379,6 +379,26 @@ def test_generate_skips_a_complete_dataset_and_rebuilds_a_changed_one(tmp_path):
     assert decode(tmp_path, clip).shape == (8, 64, 64, 3)
 
 
+def test_generate_links_an_identical_dataset_instead_of_generating_it(tmp_path):
+    small = {"seed": 3, "size": 64, "frames": 8}
+    synthetic.generate(tmp_path / "a", num_train=6, **small)
+    source = {p.relative_to(tmp_path / "a"): p for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    # A stale dataset of other arguments in the target is replaced, none of its media left.
+    synthetic.generate(tmp_path / "b", num_train=9, **small)
+    synthetic.generate(tmp_path / "b", num_train=6, copy_from=tmp_path / "a", **small)
+    linked = {p.relative_to(tmp_path / "b"): p for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert set(linked) == set(source)
+    assert all(linked[p].samefile(source[p]) for p in source)  # links, not new files
+    assert media_files(tmp_path / "b") == {media_of(r) for name in ALL_SPLITS
+                                           for r in load(tmp_path / "b", name)}
+    # Other arguments than the source's: generated, not linked, and the same bytes as generating.
+    synthetic.generate(tmp_path / "c", num_train=5, copy_from=tmp_path / "a", **small)
+    synthetic.generate(tmp_path / "d", num_train=5, **small)
+    meta = (tmp_path / "c" / "meta.json")
+    assert not meta.samefile(tmp_path / "a" / "meta.json")
+    assert meta.read_bytes() == (tmp_path / "d" / "meta.json").read_bytes()
+
+
 def test_tokenizer_round_trips_the_templates(data):
     folder = data / "tokenizer"
     assert {p.name for p in folder.iterdir()} == {

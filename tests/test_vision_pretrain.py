@@ -1,5 +1,6 @@
-"""The demo's vision pretraining (valley_jax/vision_pretrain.py): caption tags, a ViT that learns
-them while nothing else in the model moves, and the trainer's WORKDIR/init made once."""
+"""The demo's vision pretraining (valley_jax/vision_pretrain.py): caption tags, where each colour
+is, a ViT that learns both while nothing else in the model moves, and the trainer's WORKDIR/init
+made once."""
 
 import dataclasses
 import os
@@ -30,6 +31,29 @@ def test_caption_tags_are_the_colour_shape_pairs_named():
     assert not vision_pretrain.caption_tags("a square moves left").any()
 
 
+def test_colour_layout_finds_each_colour_where_it_is_drawn():
+    # A red square that moves right by 20 px between frames 1 and 3; a blue circle from frame 2.
+    square = synthetic.Sprite("red", "square", 20, 10, 30, "right", 20, 0, 1, 3)
+    circle = synthetic.Sprite("blue", "circle", 16, 40, 4, "up", 0, 2, 1, 3)
+    scene = synthetic.Scene((square, circle), frames=4, size=64, background=100, noise=6,
+                            noise_seed=0)
+    present, centres = vision_pretrain.colour_layout(synthetic.render(scene))
+    red, blue = list(synthetic.COLOURS).index("red"), list(synthetic.COLOURS).index("blue")
+    expected = np.zeros((4, 6), np.float32)
+    expected[:, red], expected[2:, blue] = 1, 1
+    np.testing.assert_array_equal(present, expected)
+    # Centres: (corner + size / 2) / 64 * 2 - 1; the square is at x 10, 10, 20, 30.
+    np.testing.assert_allclose(centres[:, red], [[-0.375, 0.25], [-0.375, 0.25], [-0.0625, 0.25],
+                                                 [0.25, 0.25]], atol=1e-6)
+    np.testing.assert_allclose(centres[:, blue], [[0, 0], [0, 0], [0.5, -0.625], [0.5, -0.625]],
+                               atol=1e-6)
+    assert not centres[:, [c for c in range(6) if c not in (red, blue)]].any()
+    # A frame keeps the caption's tags of the colours in it: no blue circle before frame 2.
+    tags = vision_pretrain.caption_tags("a red square moves right, then a blue circle moves up")
+    assert tags_named(vision_pretrain.frame_tags(tags, present[0])) == ["red square"]
+    assert tags_named(vision_pretrain.frame_tags(tags, present[3])) == ["red square", "blue circle"]
+
+
 def tiny_model(seed: int = 0) -> Valley:
     cfg = preset("demo")
     vision = dataclasses.replace(cfg.vision, image_size=28, depth=2)
@@ -57,8 +81,9 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     model = tiny_model()
     before = hf.get_flat(model)
     frames, tags = block_frames(400, seed=0)
-    untrained = vision_pretrain.pretrain(tiny_model(), frames, tags, steps=0)
-    result = vision_pretrain.pretrain(model, frames, tags, steps=300, batch_size=32, lr=3e-3)
+    labels = (tags, *vision_pretrain.colour_layout(frames))
+    untrained = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=0)
+    result = vision_pretrain.pretrain(model, frames, *labels, steps=600, batch_size=32, lr=3e-3)
     after = hf.get_flat(model)
     assert set(after) == set(before)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
@@ -66,6 +91,14 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     # Held out (the last 40 frames): 12 tags of 18 are ever on; all of a frame's tags right.
     assert untrained["all_tags_right"] < 0.1
     assert result["tag_accuracy"] > 0.98 and result["all_tags_right"] >= 0.8
+    # The class token says which colours are in the frame and where: closer than a guess of the
+    # mean centre (these 28-px crops are 2 x 2 patches, so coarsely).
+    held = frames[-40:, 2:30, 2:30]
+    present, centres = vision_pretrain.colour_layout(held)
+    on = present > 0
+    guess = np.linalg.norm(centres[on] - centres[on].mean(0), axis=-1).mean() / 2
+    assert untrained["presence_right"] < 0.1 and result["presence_right"] >= 0.95
+    assert result["centre_error"] < 0.6 * guess < untrained["centre_error"]
 
 
 def test_trainer_pretrains_the_vit_once_into_workdir_init(tmp_path):

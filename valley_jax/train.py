@@ -71,8 +71,12 @@ def data_dir(config, workdir: str) -> str:
     path = os.path.join(workdir, "data")
     if config.data.synthetic:
         from valley_jax.data import synthetic
+        # A stage-2 run started from a stage-1 workdir's model links that run's world when it is
+        # the same one, rather than generating it again (~30 s of the demo).
+        init = config.init.checkpoint.rstrip("/")
         if jax.process_index() == 0:
-            synthetic.generate(path, seed=config.seed, num_train=config.data.synthetic_num_train)
+            synthetic.generate(path, seed=config.seed, num_train=config.data.synthetic_num_train,
+                               copy_from=os.path.join(os.path.dirname(init), "data") if init else None)
         _barrier("synthetic-data")
     return path
 
@@ -129,12 +133,12 @@ def _pretrain_vision_init(config, data: str, path: str) -> None:
     cfg = model_config(config, special_token_ids(load_tokenizer(tok_path)), None)
     model = Valley(cfg, policy_from(config), rngs=nnx.Rngs(config.seed))
     records = config.init.vision_pretrain_data.format(data=data)
-    frames, tags = vision_pretrain.tagged_frames(records, os.path.dirname(records),
-                                                 config.data.resize_size)
+    frames, *labels = vision_pretrain.tagged_frames(records, os.path.dirname(records),
+                                                    config.data.resize_size, config.model.num_frames)
     log.info("vision pretraining: %d frames of %s, %d steps", len(frames), records,
              config.init.vision_pretrain_steps)
-    result = vision_pretrain.pretrain(model, frames, tags, steps=config.init.vision_pretrain_steps,
-                                      seed=config.seed)
+    result = vision_pretrain.pretrain(model, frames, *labels,
+                                      steps=config.init.vision_pretrain_steps, seed=config.seed)
     log.info("vision pretraining done: held-out %s", result)
     # Written by this process alone, as the converters write theirs (save_model is collective).
     model_ckpt.save_state(path, cfg, hf.get_flat(model), tokenizer=tok_path)

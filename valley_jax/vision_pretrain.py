@@ -1,21 +1,30 @@
-"""The CPU demo's stand-in for CLIP: its from-scratch ViT pretrained to tag frames.
+"""The CPU demo's stand-in for CLIP: its from-scratch ViT pretrained to tag and locate shapes.
 
 Valley reads frames with a pretrained CLIP ViT-L/14 and keeps it frozen. The demo cannot
 download CLIP, and a ViT that learns only through the LLM's answers learns which shape is which
 colour slowly (held-out shape answers 0.55-0.70 after 3000 stage-2 steps; BENCHMARKS.md, "CPU
-demo"). So, when `config.init.vision_pretrain_steps` is set (the demo's stage 1), the trainer
-first pretrains the ViT the way vision towers are commonly pretrained, on labels from text: from
-one frame of each training clip (its last, where every shape has appeared) and each still, it
-predicts which colour-shape pairs the record's caption names (`caption_tags`: 6 colours x 3
-shapes, sigmoid cross-entropy). The labels are read through the features Valley uses (the
-selected layer's tokens, mean- and max-pooled into a linear head that is then thrown away).
-Only the training split's captions are used; the held-out tenth of them is scored to show what
-the tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a
-resumed run does not pretrain again.
+demo"), and its class token, which Valley gives the LLM once per frame, says nothing about where
+the shapes are (probes in BENCHMARKS.md), where CLIP's does. So, when
+`config.init.vision_pretrain_steps` is set (the demo's stage 1), the trainer first pretrains the
+ViT on the training split's frames (the frames Valley samples from each clip, and each still),
+through the features Valley uses (the selected layer's tokens):
+
+- tags, from text: which colour-shape pairs the record's caption names (`caption_tags`: 6
+  colours x 3 shapes), of those whose colour is in the frame, read from the patch tokens
+  (mean- and max-pooled);
+- layout, from the pixels (`colour_layout`): for each of the palette's colours, whether it is in
+  the frame and the centre of its pixels, read from the class token, so that the LLM's frame
+  tokens say where each shape is in each frame, as CLIP's class token does.
+
+Sigmoid cross-entropy for tags and presence, squared error for the centres of the colours present
+(the layout terms weighted by LAYOUT_WEIGHT); linear heads that are then thrown away. The held-out tenth of the clips is scored to show what the
+tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a resumed
+run does not pretrain again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,6 +45,18 @@ log = logging.getLogger(__name__)
 
 TAGS = tuple(f"{colour} {shape}" for colour in synthetic.COLOURS for shape in synthetic.SHAPES)
 _TAG = re.compile(r"\b(%s) (%s)\b" % ("|".join(synthetic.COLOURS), "|".join(synthetic.SHAPES)))
+_PALETTE = np.asarray(list(synthetic.COLOURS.values()), np.int16)  # [6, 3]
+# A pixel is of a palette colour when every channel is within this of it. The palette's colours
+# are at least 140 apart and the grey backgrounds at least 80 from each of them, so coding noise
+# and blended edges do not cross over.
+COLOUR_TOLERANCE = 50
+# A colour is present when at least this share of the frame has it (the smallest sprite, a
+# triangle of 0.3 of the side, covers 4.5 %).
+MIN_PRESENT = 0.005
+# The tower is small (64 wide) and the two tasks compete for it: with the layout weighted as much
+# as the tags, 2000 steps got all tags of a held-out frame right 0.49 of the time (0.998 without
+# layout) and centres within 0.11 of the side; with 0.3, 0.81 and 0.12 (BENCHMARKS.md, "CPU demo").
+LAYOUT_WEIGHT = 0.3
 
 
 def caption_tags(caption: str) -> np.ndarray:
@@ -46,35 +67,88 @@ def caption_tags(caption: str) -> np.ndarray:
     return tags
 
 
-def tagged_frames(records_path: str, root: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, size, size, 3] (short side resized to `size`, centre square) and tags [N, 18]:
-    the last frame of each video record, each image record, and its caption's tags. Records
-    whose caption names no pair are left out."""
-    frames, tags, skipped = [], [], 0
+@functools.cache
+def _palette_lut() -> np.ndarray:
+    """int8 [256, 256, 256]: the palette colour each RGB value is near, -1 for none. A lookup
+    per pixel is ~5x faster than comparing every pixel with every colour (the ~5500 frames of
+    the demo: ~8 s against ~45 s)."""
+    lut = np.full((256, 256, 256), -1, np.int8)
+    levels = np.arange(256)
+    for c, rgb in enumerate(_PALETTE):
+        lut[np.ix_(*(np.abs(levels - v) <= COLOUR_TOLERANCE for v in rgb))] = c
+    return lut
+
+
+def colour_layout(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each palette colour is in uint8 RGB frames [N, H, W, 3].
+
+    Returns presence float32 [N, 6] (1 where the colour covers at least MIN_PRESENT of the frame)
+    and centres float32 [N, 6, 2]: (x, y) of the colour's pixels, -1 at the left / top edge, +1 at
+    the right / bottom one, 0 where the colour is absent."""
+    n, h, w, _ = frames.shape
+    lut = _palette_lut()
+    ys = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
+    xs = (np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1
+    count = np.zeros((n, len(_PALETTE)), np.float32)
+    sums = np.zeros((n, len(_PALETTE), 2), np.float32)
+    for i in range(0, n, 256):
+        chunk = frames[i:i + 256]
+        colour = lut[chunk[..., 0], chunk[..., 1], chunk[..., 2]]  # [n, H, W]
+        for c in range(len(_PALETTE)):
+            mask = colour == c
+            count[i:i + 256, c] = mask.sum((1, 2))
+            sums[i:i + 256, c, 0] = mask.sum(1) @ xs
+            sums[i:i + 256, c, 1] = mask.sum(2) @ ys
+    present = count >= MIN_PRESENT * h * w
+    centres = sums / np.maximum(count, 1)[..., None] * present[..., None]
+    return present.astype(np.float32), centres.astype(np.float32)
+
+
+def frame_tags(tags: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """A caption's tags [18] kept for the colours present in a frame ([6]): a shape that has not
+    appeared yet is not in the frame."""
+    return (tags.reshape(len(synthetic.COLOURS), len(synthetic.SHAPES)) * present[:, None]).ravel()
+
+
+def tagged_frames(records_path: str, root: str, size: int, num_frames: int = 1):
+    """The frames of the records and their labels: uint8 frames [N, size, size, 3] (short side
+    resized to `size`, centre square), tags [N, 18], presence [N, 6], centres [N, 6, 2] and the
+    index of each frame's record [N].
+
+    Of each video record `num_frames` frames as Valley samples them ("fixed": first and last
+    included; 1: the last frame), of each image record the image. Records whose caption names no
+    pair are left out, as are unreadable ones (counted and logged)."""
+    frames, tags, record_of, skipped = [], [], [], 0
     with open(records_path) as f:
         records = json.load(f)
-    for record in records:
+    for i, record in enumerate(records):
         tag = caption_tags(record["conversations"][1]["value"])
         if not tag.any():
             continue
         try:
             if "video" in record:
                 video = frames_lib.VideoFile(os.path.join(root, record["video"]))
-                frame = video.read(np.asarray([video.length - 1]))
-                frames.append(frames_lib.resize_and_center_crop(frame, size, size, "bilinear")[0])
+                indices = (np.asarray([video.length - 1]) if num_frames == 1 else
+                           frames_lib.sample_frame_indices(video.length, num_frames, "fixed"))
+                read = frames_lib.resize_and_center_crop(video.read(indices), size, size, "bilinear")
             else:
-                frames.append(_read_image(os.path.join(root, record["image"]), size))
+                read = _read_image(os.path.join(root, record["image"]), size)[None]
         except SkipRecord as e:
             skipped += 1
             log.warning("vision pretraining skips record %s: %s", record.get("id"), e)
             continue
-        tags.append(tag)
+        frames.extend(read)
+        tags.extend([tag] * len(read))
+        record_of.extend([i] * len(read))
     if skipped:
         log.warning("vision pretraining skipped %d of %d records", skipped, len(records))
     if not frames:
         raise ValueError(f"{records_path}: no record's caption names a colour and a shape "
                          f"(vision pretraining reads the synthetic world's captions)")
-    return np.stack(frames), np.stack(tags)
+    frames = np.stack(frames)
+    present, centres = colour_layout(frames)
+    tags = np.stack([frame_tags(t, p) for t, p in zip(tags, present, strict=True)])
+    return frames, tags, present, centres, np.asarray(record_of)
 
 
 def _read_image(path: str, size: int) -> np.ndarray:
@@ -88,58 +162,97 @@ def _read_image(path: str, size: int) -> np.ndarray:
 
 
 class Tagger(nnx.Module):
-    """The Valley model's ViT (shared, not copied) and a linear head on its pooled tokens."""
+    """The Valley model's ViT (shared, not copied), a linear head on its pooled patch tokens
+    (tags) and one on its class token (presence and centre of each colour)."""
 
     def __init__(self, model, *, rngs: nnx.Rngs):
+        width, colours = model.cfg.vision.width, len(synthetic.COLOURS)
         self.vision = model.vision
         self.normalize = model.normalize
-        self.head = nnx.Linear(2 * model.cfg.vision.width, len(TAGS), rngs=rngs)
+        self.head = nnx.Linear(2 * width, len(TAGS), rngs=rngs)
+        self.cls_head = nnx.Linear(width, 3 * colours, rngs=rngs)
 
     def __call__(self, images):
+        """Logits of the tags [B, 18] (from the patches), of presence [B, 6] and the centres
+        [B, 6, 2] (from the class token)."""
         tokens = self.vision.encode(self.normalize(self.vision.patchify(images)))
-        pooled = jnp.concatenate([tokens.mean(1), tokens.max(1)], axis=-1)
-        return self.head(pooled.astype(jnp.float32))
+        tokens = tokens.astype(jnp.float32)
+        patches = tokens[:, 1:]
+        pooled = self.head(jnp.concatenate([patches.mean(1), patches.max(1)], axis=-1))
+        out = self.cls_head(tokens[:, 0])
+        c = len(synthetic.COLOURS)
+        return pooled, out[:, :c], out[:, c:].reshape(-1, c, 2)
 
 
-def pretrain(model, frames: np.ndarray, tags: np.ndarray, *, steps: int, batch_size: int = 64,
-             lr: float = 1e-3, seed: int = 0, log_every: int = 250) -> dict:
-    """Trains `model.vision` in place to tag `frames` (random crops of `image_size` from the
-    larger frames; AdamW, warm-up then cosine). The last tenth of the frames is held out.
-    Returns the held-out tag accuracy and the share of frames whose tags are all right."""
+def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
+             centres: np.ndarray, record_of: np.ndarray | None = None, *, steps: int,
+             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 250,
+             layout_weight: float = LAYOUT_WEIGHT) -> dict:
+    """Trains `model.vision` in place on `frames` (random crops of `image_size` from the larger
+    frames; AdamW, warm-up then cosine). The frames of the last tenth of the records are held out
+    (`record_of`: each frame's record; by default each frame is its own).
+
+    Returns, on the held-out frames: tag_accuracy and all_tags_right, presence_right (all six
+    colours' presence right)
+    and centre_error (mean distance of a present colour's predicted centre from its true one, as a
+    share of the frame's side)."""
     size = model.cfg.vision.image_size
-    n = len(frames)
     if frames.shape[1] < size:
         raise ValueError(f"frames of {frames.shape[1]} px cannot be cropped to {size}")
-    held = max(1, n // 10)
-    train_n = n - held
+    if record_of is None:
+        record_of = np.arange(len(frames))
+    records = np.unique(record_of)
+    held_records = records[len(records) - max(1, len(records) // 10):]
+    held = np.isin(record_of, held_records)
+    train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    margin = frames.shape[1] - size
     tagger = Tagger(model, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 30), max(2, steps))
     optimizer = nnx.Optimizer(tagger, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
 
+    def crop_centres(centres, present, x, y):
+        """Centres in a crop from (x, y): -1..1 over its `size` pixels."""
+        pixels = (centres + 1) / 2 * frames.shape[1] - np.asarray([x, y], np.float32)
+        return np.where(present[..., None] > 0, pixels / size * 2 - 1, 0).astype(np.float32)
+
     @nnx.jit
-    def train_step(tagger, optimizer, images, labels):
+    def train_step(tagger, optimizer, images, tags, present, centres):
         def loss_fn(tagger):
-            return optax.sigmoid_binary_cross_entropy(tagger(images), labels).mean()
+            pooled, presence, where = tagger(images)
+            bce = optax.sigmoid_binary_cross_entropy
+            error = ((where - centres) ** 2).sum(-1)
+            layout = (error * present).sum() / jnp.maximum(present.sum(), 1)
+            return bce(pooled, tags).mean() + layout_weight * (bce(presence, present).mean()
+                                                               + layout)
 
         loss, grads = nnx.value_and_grad(loss_fn)(tagger)
         optimizer.update(tagger, grads)
         return loss
 
-    predict = nnx.jit(lambda tagger, images: tagger(images) > 0)
-    offset = (frames.shape[1] - size) // 2
+    predict = nnx.jit(lambda tagger, images: tagger(images))
+    offset = margin // 2
 
     def held_out() -> dict:
-        images = frames[train_n:, offset:offset + size, offset:offset + size]
-        right = np.concatenate([np.asarray(predict(tagger, images[i:i + 256]))
-                                for i in range(0, held, 256)]) == (tags[train_n:] > 0)
-        return {"tag_accuracy": float(right.mean()), "all_tags_right": float(right.all(1).mean())}
+        outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
+                                       offset:offset + size]) for i in range(0, len(held_rows), 256)]
+        pooled, presence, where = (np.concatenate([np.asarray(o[k]) for o in outs])
+                                   for k in range(3))
+        truth, on = tags[held_rows] > 0, present[held_rows]
+        right = (pooled > 0) == truth
+        true_centres = crop_centres(centres[held_rows], on, offset, offset)
+        distance = np.sqrt(((where - true_centres) ** 2).sum(-1)) / 2  # share of the side
+        return {"tag_accuracy": float(right.mean()),
+                "all_tags_right": float(right.all(1).mean()),
+                "presence_right": float(((presence > 0) == (on > 0)).all(1).mean()),
+                "centre_error": float((distance * on).sum() / max(on.sum(), 1))}
 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        rows = rng.integers(0, train_n, batch_size)
-        y, x = rng.integers(0, frames.shape[1] - size + 1, 2)
-        loss = train_step(tagger, optimizer, frames[rows, y:y + size, x:x + size], tags[rows])
+        rows = train_rows[rng.integers(0, len(train_rows), batch_size)]
+        y, x = rng.integers(0, margin + 1, 2)
+        loss = train_step(tagger, optimizer, frames[rows, y:y + size, x:x + size], tags[rows],
+                          present[rows], crop_centres(centres[rows], present[rows], x, y))
         if step % log_every == 0 or step == steps:
             log.info("vision pretraining step %d/%d loss %.4f held-out %s (%.0f s)", step, steps,
                      float(loss), held_out(), time.perf_counter() - start)

@@ -35,7 +35,9 @@ import io
 import itertools
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -679,6 +681,26 @@ def _paths(root: Path) -> dict[str, Path]:
     return {"root": root, **{key: root / name for key, name in names.items()}}
 
 
+def _link_dataset(source: dict[str, Path], paths: dict[str, Path]) -> None:
+    """Hard links to a complete dataset's files (copies where linking fails), meta.json last."""
+
+    def link(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for key, src in source.items():
+        if key in ("root", "meta"):
+            continue
+        files = sorted(f for f in src.rglob("*") if f.is_file()) if src.is_dir() else [src]
+        for f in files:
+            link(f, paths[key] / f.relative_to(src) if src.is_dir() else paths[key])
+    link(source["meta"], paths["meta"])
+
+
 def generate(
     out_dir,
     *,
@@ -686,13 +708,17 @@ def generate(
     num_train: int = NUM_TRAIN,
     size: int = SIZE,
     frames: int = NUM_FRAMES,
+    copy_from=None,
 ) -> dict[str, Path]:
     """Writes the synthetic dataset under `out_dir` and returns its paths (see `_paths`).
 
     `num_train` is the number of stage-2 QA records and also of stage-1 captions: each train
     scene (10% of them stills) gets one caption and one QA record. val and val_novel hold
     max(80, num_train // 10) QA records each, every one on a scene of its own.
-    Idempotent: when `out_dir/meta.json` records the same arguments, nothing is written.
+    Idempotent: when `out_dir/meta.json` records the same arguments, nothing is written. When the
+    folder `copy_from` holds a complete dataset of the same arguments (e.g. stage 1's, for stage
+    2), its files are hard-linked (copied across file systems) instead of generated again: the
+    generator is deterministic, so they are the same bytes.
     """
     if frames < MIN_FRAMES or size < MIN_SIZE or size % 2:
         raise ValueError(
@@ -714,13 +740,18 @@ def generate(
     if paths["meta"].exists() and json.loads(paths["meta"].read_text()).get("args") == args:
         return paths
 
-    check_decord_reads(size, frames)
     paths["meta"].unlink(missing_ok=True)  # a run cut short must not look complete
     for folder in (paths["videos"], paths["images"]):
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.iterdir():
             if _MEDIA_NAME.match(stale.name):
                 stale.unlink()
+    if copy_from is not None:
+        source = _paths(Path(copy_from))
+        if source["meta"].exists() and json.loads(source["meta"].read_text()).get("args") == args:
+            _link_dataset(source, paths)
+            return paths
+    check_decord_reads(size, frames)
 
     splits: dict[str, list[dict]] = {}
     for split_index, (split, count) in enumerate(_split_sizes(num_train).items()):
