@@ -25,7 +25,7 @@ def get_config(arg: str = "7b"):
     if variant == "demo":
         run_config.demo(c)
         # 2400 steps: the README's line in 15 minutes also when this VM runs a step ~20 % slower
-        # than usual (with 2700, 14 min 53 s and 15 min 46 s on such runs).
+        # than usual (with 2700 steps such a run took 15 min 46 s; BENCHMARKS.md, "CPU demo").
         c.total_steps = 2400
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0
