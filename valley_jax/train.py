@@ -133,8 +133,9 @@ def _pretrain_vision_init(config, data: str, path: str) -> None:
     cfg = model_config(config, special_token_ids(load_tokenizer(tok_path)), None)
     model = Valley(cfg, policy_from(config), rngs=nnx.Rngs(config.seed))
     records = config.init.vision_pretrain_data.format(data=data)
-    frames, *labels = vision_pretrain.tagged_frames(records, os.path.dirname(records),
-                                                    config.data.resize_size, config.model.num_frames)
+    dcfg = data_config(config, [dict(path=records)], data, tok_path, cfg.vision.num_patches,
+                       train=False)
+    frames, *labels = vision_pretrain.tagged_frames(records, os.path.dirname(records), dcfg)
     log.info("vision pretraining: %d frames of %s, %d steps", len(frames), records,
              config.init.vision_pretrain_steps)
     result = vision_pretrain.pretrain(model, frames, *labels,

@@ -17,8 +17,8 @@ through the features Valley uses (the selected layer's tokens):
   tokens say where each shape is in each frame, as CLIP's class token does.
 
 Sigmoid cross-entropy for tags and presence, squared error for the centres of the colours present
-(the layout terms weighted by LAYOUT_WEIGHT); linear heads that are then thrown away. The held-out tenth of the clips is scored to show what the
-tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a resumed
+(the layout terms weighted by LAYOUT_WEIGHT); linear heads that are then thrown away. The
+held-out tenth of the clips is scored to show what the tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a resumed
 run does not pretrain again.
 """
 
@@ -38,6 +38,7 @@ from flax import nnx
 from PIL import Image
 
 from valley_jax.data import frames as frames_lib
+from valley_jax.data.config import DataConfig
 from valley_jax.data import synthetic
 from valley_jax.data.skips import SkipRecord
 
@@ -110,14 +111,15 @@ def frame_tags(tags: np.ndarray, present: np.ndarray) -> np.ndarray:
     return (tags.reshape(len(synthetic.COLOURS), len(synthetic.SHAPES)) * present[:, None]).ravel()
 
 
-def tagged_frames(records_path: str, root: str, size: int, num_frames: int = 1):
-    """The frames of the records and their labels: uint8 frames [N, size, size, 3] (short side
-    resized to `size`, centre square), tags [N, 18], presence [N, 6], centres [N, 6, 2] and the
-    index of each frame's record [N].
+def tagged_frames(records_path: str, root: str, config: DataConfig):
+    """The frames of the records and their labels: uint8 frames [N, S, S, 3] (short side resized
+    to S = `config.resize_size`, centre square), tags [N, 18], presence [N, 6], centres [N, 6, 2]
+    and the index of each frame's record [N].
 
-    Of each video record `num_frames` frames as Valley samples them ("fixed": first and last
-    included; 1: the last frame), of each image record the image. Records whose caption names no
-    pair are left out, as are unreadable ones (counted and logged)."""
+    Of each video record the frames the data pipeline samples (`config.num_frames`,
+    `frame_mode`), of each image record the image. Records whose caption names no pair are left
+    out, as are unreadable ones (counted and logged)."""
+    size = config.resize_size
     frames, tags, record_of, skipped = [], [], [], 0
     with open(records_path) as f:
         records = json.load(f)
@@ -128,9 +130,10 @@ def tagged_frames(records_path: str, root: str, size: int, num_frames: int = 1):
         try:
             if "video" in record:
                 video = frames_lib.VideoFile(os.path.join(root, record["video"]))
-                indices = (np.asarray([video.length - 1]) if num_frames == 1 else
-                           frames_lib.sample_frame_indices(video.length, num_frames, "fixed"))
-                read = frames_lib.resize_and_center_crop(video.read(indices), size, size, "bilinear")
+                indices = video.frame_indices(config.num_frames, config.frame_mode,
+                                              config.fps_sample_rate)
+                read = frames_lib.resize_and_center_crop(video.read(indices), size, size,
+                                                         config.resize_interpolation)
             else:
                 read = _read_image(os.path.join(root, record["image"]), size)[None]
         except SkipRecord as e:
@@ -193,9 +196,8 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     (`record_of`: each frame's record; by default each frame is its own).
 
     Returns, on the held-out frames: tag_accuracy and all_tags_right, presence_right (all six
-    colours' presence right)
-    and centre_error (mean distance of a present colour's predicted centre from its true one, as a
-    share of the frame's side)."""
+    colours' presence right) and centre_error (mean distance of a present colour's predicted
+    centre from its true one, as a share of the frame's side)."""
     size = model.cfg.vision.image_size
     if frames.shape[1] < size:
         raise ValueError(f"frames of {frames.shape[1]} px cannot be cropped to {size}")

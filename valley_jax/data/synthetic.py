@@ -681,24 +681,18 @@ def _paths(root: Path) -> dict[str, Path]:
     return {"root": root, **{key: root / name for key, name in names.items()}}
 
 
-def _link_dataset(source: dict[str, Path], paths: dict[str, Path]) -> None:
-    """Hard links to a complete dataset's files (copies where linking fails), meta.json last."""
-
-    def link(src: Path, dst: Path) -> None:
+def _link_dataset(source: Path, root: Path) -> None:
+    """Hard links to the files of the complete dataset in `source` (copies where linking fails),
+    its meta.json last."""
+    files = sorted(f for f in source.rglob("*") if f.is_file() and f != source / "meta.json")
+    for src in files + [source / "meta.json"]:
+        dst = root / src.relative_to(source)
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.unlink(missing_ok=True)
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-
-    for key, src in source.items():
-        if key in ("root", "meta"):
-            continue
-        files = sorted(f for f in src.rglob("*") if f.is_file()) if src.is_dir() else [src]
-        for f in files:
-            link(f, paths[key] / f.relative_to(src) if src.is_dir() else paths[key])
-    link(source["meta"], paths["meta"])
 
 
 def generate(
@@ -749,7 +743,7 @@ def generate(
     if copy_from is not None:
         source = _paths(Path(copy_from))
         if source["meta"].exists() and json.loads(source["meta"].read_text()).get("args") == args:
-            _link_dataset(source, paths)
+            _link_dataset(source["root"], root)
             return paths
     check_decord_reads(size, frames)
 
