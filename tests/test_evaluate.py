@@ -1,6 +1,7 @@
 """`python -m valley_jax.evaluate`: the field's dataset layouts, resumable predictions split
 across processes, the offline metric equal to the trainer's, the judge recorded in results."""
 
+import importlib.util
 import json
 import os
 import re
@@ -323,3 +324,21 @@ def test_prompts_are_the_chat_sessions(demo):
             [("<video>\nWhat colour?", "red")], "Which way?", media)
         assert qa.prompt_text(first, 4, 64, legacy=legacy) == session.prompt_text(
             [], "<video>\nWhat colour?", media)
+
+
+def test_demo_evaluates_every_held_out_question(tmp_path):
+    records = [{"id": f"r{i}", "video": "v.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "left", "qtype": "direction"},
+        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two", "qtype": "count"}]}
+        for i in range(3)]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records))
+    assert [it["id"] for it in qa.qa_items(str(path), 0)] == [
+        "r0#0", "r0#1", "r1#0", "r1#1", "r2#0", "r2#1"]
+    assert [it["qtype"] for it in qa.qa_items(str(path), 3)] == ["direction", "count", "direction"]
+    spec = importlib.util.spec_from_file_location(
+        "finetune", os.path.join(os.path.dirname(__file__), "..", "configs", "finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    demo = finetune.get_config("demo")
+    assert demo.eval.max_items == 0 and len(demo.eval.qa) == 2

@@ -38,7 +38,8 @@ def score(prediction: str, answer: str) -> dict:
 
 def qa_items(path: str, max_items: int | None = None) -> list[dict]:
     """One item per QA turn of a Valley JSON (`.json` list or `.jsonl`) file: {id, qtype,
-    history (earlier turns), question, answer, media_kind, media_path}."""
+    history (earlier turns), question, answer, media_kind, media_path}; the first `max_items`
+    turns in file order, all of them when it is None or 0."""
     items = []
     for line in read_records(path):
         raw = json.loads(line)
