@@ -13,7 +13,8 @@ fmt="llama")`, and transformers loads that export as a LlamaForCausalLM. Both si
 generate greedily, float32, on the CPU, from the same text-only prompts (random ids, all
 `--prompt` long), exactly `--new-tokens` new tokens (no EOS, no stop). A side's decode rate is
 B x (N - 1) / (t(N) - t(1)): the time of N new tokens less the time of 1 (prefill and first
-token), best of `--repeats` runs after a warm-up (compilation not counted). valley_jax is timed
+token), each the best of `--repeats` rounds after a warm-up round (compilation not counted),
+every round timing all the sides one after the other (`decode_rates`). valley_jax is timed
 both ways: `generate` (the decode loop fused in one jitted while_loop, batch evaluation) and
 `stream` (one jitted step per token called from Python, what chat uses). The first prompt's
 greedy tokens of both libraries are compared. `--threads N` gives both libraries N CPU threads
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=60)
     parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--parts", default="decode,cache,first_token",
                         type=lambda s: s.split(","), help="what to measure (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
@@ -115,12 +116,26 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> dict:
-    """Tokens/s of decode: B x (N - 1) / (t(N) - t(1)); and of the whole call at N."""
-    t_n = best_time(lambda: run(new_tokens), repeats)
-    t_1 = best_time(lambda: run(1), repeats)
-    return {"decode_tok_s": batch * (new_tokens - 1) / (t_n - t_1),
-            "total_tok_s": batch * new_tokens / t_n, "t_N_s": t_n, "t_1_s": t_1}
+def decode_rates(runs: dict, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Tokens/s of decode of each side in `runs` ({name: run(n)}): B x (N - 1) / (t(N) - t(1)),
+    and of the whole call at N. The sides are timed in turn, round after round (`repeats`
+    rounds after a warm-up one), and each keeps its best time: a change in this VM's speed
+    during the run reaches every side, not one of them (it varies by tens of per cent between
+    minutes; BENCHMARKS.md "Generation")."""
+    best = {(name, n): float("inf") for name in runs for n in (new_tokens, 1)}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            for n in (new_tokens, 1):
+                start = time.perf_counter()
+                run(n)
+                if round_:  # round 0 compiles and warms the caches
+                    best[name, n] = min(best[name, n], time.perf_counter() - start)
+    out = {}
+    for name in runs:
+        t_n, t_1 = best[name, new_tokens], best[name, 1]
+        out[name] = {"decode_tok_s": batch * (new_tokens - 1) / (t_n - t_1),
+                     "total_tok_s": batch * new_tokens / t_n, "t_N_s": t_n, "t_1_s": t_1}
+    return out
 
 
 def bench_decode(args, name: str, workdir: Path) -> dict:
@@ -162,10 +177,8 @@ def bench_decode(args, name: str, workdir: Path) -> dict:
             assert out.shape[1] == args.prompt + n
             return out[:, args.prompt:]
 
-        row = {"valley_jax": decode_rate(ours, batch, args.new_tokens, args.repeats),
-               "valley_jax_stream": decode_rate(ours_streamed, batch, args.new_tokens,
-                                                args.repeats),
-               "transformers": decode_rate(theirs, batch, args.new_tokens, args.repeats)}
+        row = decode_rates({"valley_jax": ours, "valley_jax_stream": ours_streamed,
+                            "transformers": theirs}, batch, args.new_tokens, args.repeats)
         same = ours(args.new_tokens)[0] == theirs(args.new_tokens)[0].tolist()
         row["same_greedy_tokens_row0"] = same
         for key in ("valley_jax", "valley_jax_stream"):

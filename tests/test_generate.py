@@ -95,6 +95,20 @@ def test_buckets_are_few_and_hold_their_length():
     assert len({gen.bucket(n) for n in range(1, 4097)}) == 12
 
 
+def test_greedy_argmax_is_jnps_argmax_with_ties_infinities_and_nans():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (64, 1000)).astype(np.float32)  # many ties: the first one wins
+    x[1] = -np.inf
+    x[2, 5] = x[2, 700] = np.inf
+    x[3, 17] = x[3, 900] = np.nan  # argmax takes the first NaN
+    x[4] = np.nan
+    x[5, -1] = 10.0
+    got = np.asarray(jax.jit(gen.argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[:6].tolist() == [int(np.argmax(x[0])), 0, 5, 17, 0, 999]
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Greedy decoding with the KV cache is the argmax of the full forward at every step
 
