@@ -8,6 +8,7 @@ temporal module, LLM; the ViT frozen), in float32 on this machine's CPU threads.
     python bench/train_step.py [--configs demo,large] [--steps 3] [--json out.json]
     LD_PRELOAD=libtcmalloc_minimal.so.4 python bench/train_step.py   # both sides on tcmalloc
 
+The two sides step in turn (`timed_in_turn`); a side's rate is one over its median step time.
 Prints steps/s of each side and their ratio, the first-step losses of both (they must agree:
 the same model), and for every config the step's model FLOPs, its achieved FLOP/s and its MFU
 against the measured rate of a large float32 matmul in the same process.
@@ -119,12 +120,19 @@ def jax_side(cfg: ValleyConfig, sd, batch, scan_layers=True):
     return step
 
 
-def timed(step, n):
-    first = step()  # compile / warm up
-    start = time.perf_counter()
+def timed_in_turn(steps: dict, n: int):
+    """First losses and median step times of each side in `steps` ({name: step()}): after a
+    warm-up step each (compilation), the sides take one step each in turn, `n` rounds, so a
+    change in this VM's speed during the run (tens of per cent between minutes) reaches both
+    sides alike rather than the one that happened to run then."""
+    first = {name: step() for name, step in steps.items()}
+    times = {name: [] for name in steps}
     for _ in range(n):
-        step()
-    return first, (time.perf_counter() - start) / n
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return first, {name: float(np.median(t)) for name, t in times.items()}
 
 
 def matmul_rate(n=2048, reps=5):
@@ -149,8 +157,9 @@ def run(name, steps):
                        num_frames=spec["frames"], im_patch_id=ref.IM_PATCH_ID,
                        vi_frame_id=ref.VI_FRAME_ID)
     jax_step = jax_side(cfg, sd, batch, spec["scan_layers"])
-    jax_loss, jax_time = timed(jax_step, steps)
-    torch_loss, torch_time = timed(torch_step, steps)
+    first, median = timed_in_turn({"jax": jax_step, "torch": torch_step}, steps)
+    jax_loss, torch_loss, jax_time, torch_time = (first["jax"], first["torch"], median["jax"],
+                                                  median["torch"])
     fl = flops.step_flops(cfg, batch=spec["batch"], seq_len=spec["seq"], num_frames=spec["frames"],
                           stage="finetune")["total"]
     peak = matmul_rate()
