@@ -222,22 +222,26 @@ def test_fresh_weights_follow_init_std():
 
 
 @pytest.mark.parametrize("mask_rows", [None, 1, 6])
-def test_chunked_attention_equals_one_piece(mask_rows):
-    """On CPU the batch runs in chunks whose scores fit `chunk_bytes`: the same numbers as one
-    piece, and the same gradients, with per-row masks, a shared mask and grouped-query heads."""
+def test_blocked_attention_equals_dot_product_attention(mask_rows):
+    """The CPU's blocked attention (spans of query rows, written-out backward) gives
+    jax.nn.dot_product_attention's outputs and gradients, with per-row masks, a shared mask,
+    grouped-query heads, a query that sees no key, and 1, 2 or 10 spans."""
     batch = 6
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(batch, 5, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(batch, 7, 2, 8)), jnp.float32) for _ in range(2))
     mask = None if mask_rows is None else jnp.asarray(rng.random((mask_rows, 1, 5, 7)) < 0.7)
     if mask is not None:
-        mask = mask.at[..., 0].set(True)  # every query sees at least one key
-    loss = lambda q, k, v, c: jnp.sum(jnp.sin(attention(q, k, v, mask, chunk_bytes=c)))  # noqa: E731
-    whole, whole_grads = attention(q, k, v, mask), jax.grad(loss, (0, 1, 2))(q, k, v, 0)
-    row_bytes = 4 * 5 * 7 * 4  # heads x queries x keys x float32
-    for rows_per_chunk in (1, 2, 3):  # 6, 3 and 2 chunks
-        chunk_bytes = rows_per_chunk * row_bytes
-        np.testing.assert_allclose(attention(q, k, v, mask, chunk_bytes=chunk_bytes), whole,
-                                   rtol=0, atol=1e-6)
-        for got, want in zip(jax.grad(loss, (0, 1, 2))(q, k, v, chunk_bytes), whole_grads):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        mask = mask.at[..., 0].set(True).at[0, 0, 3].set(False)  # row 0, query 3 sees nothing
+    loss = lambda q, k, v, blk: jnp.sum(jnp.sin(attention(q, k, v, mask, cpu_block=blk)))  # noqa: E731
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    want_grads = jax.grad(loss, (0, 1, 2))(q, k, v, 0)
+    assert jnp.array_equal(attention(q, k, v, mask), want)  # cpu_block=0: the same call
+    for block in (10, 5, 1):  # 2 heads x 5 queries per key group: 1, 2 and 10 spans
+        got = jax.jit(attention, static_argnames="cpu_block")(q, k, v, mask, cpu_block=block)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        for g, w in zip(jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(q, k, v, block),
+                        want_grads):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"mask must be \[B or 1, 1, T, S\], got \(6, 4, 5, 7\)"):
+        attention(q, k, v, jnp.ones((6, 4, 5, 7), bool), cpu_block=4)

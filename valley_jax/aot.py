@@ -252,8 +252,8 @@ def compile_step(config, mesh) -> Compiled:
     ids, embed_rows_from = preset_token_ids(config)
     cfg = train.model_config(config, ids, None)
     # The compile target is a TPU or GPU while this process's backend is the CPU: no CPU-only
-    # attention chunking in the compiled program.
-    policy = dataclasses.replace(train.policy_from(config), cpu_attention_chunk_bytes=0)
+    # blocked attention in the compiled program.
+    policy = dataclasses.replace(train.policy_from(config), cpu_attention_block=0)
     model = nnx.eval_shape(lambda: Valley(cfg, policy, rngs=nnx.Rngs(config.seed)))
     setup = train.build_step(config, cfg, model, mesh, embed_rows_from)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ class EncoderLayer(nnx.Module):
         d, h = cfg.width, cfg.heads
         hd = d // h
         self.scale = hd ** -0.5
-        self.chunk_bytes = policy.cpu_attention_chunk_bytes
+        self.cpu_block = policy.cpu_attention_block
         std = cfg.init_std
         qkv = lambda: Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=True,  # noqa: E731
                             policy=policy, rngs=rngs, std=std)
@@ -40,7 +40,7 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x):
         y = self.ln1(x)
         y = attention(self.q(y), self.k(y), self.v(y), scale=self.scale,
-                      chunk_bytes=self.chunk_bytes)
+                      cpu_block=self.cpu_block)
         x = x + self.o(y)
         return x + self.fc2(quick_gelu(self.fc1(self.ln2(x))))
 

@@ -9,6 +9,7 @@ time does not grow with depth.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -30,10 +31,10 @@ class Policy:
     # Causal self-attention runs in query blocks of this size, each over the keys up to its
     # end only: for long sequences about half the work of one fully masked attention.
     attention_block: int = 512
-    # On CPU, softmax attention runs over the batch in chunks whose float32 scores take at most
-    # about this many bytes, so that they stay in cache: 3-4x faster at ViT sizes (BENCHMARKS.md,
-    # "Train step"). Other backends run it in one piece; 0 turns chunking off everywhere.
-    cpu_attention_chunk_bytes: int = 2 << 20
+    # On CPU, softmax attention runs in spans of at most this many query rows with a written-out
+    # backward (`blocked_attention`): 2-3x faster there (BENCHMARKS.md, "Train step"). Other
+    # backends ignore it; 0 runs jax.nn.dot_product_attention on the CPU too.
+    cpu_attention_block: int = 256
 
 
 REMAT_POLICIES = {
@@ -132,35 +133,110 @@ class RMSNorm(nnx.Module):
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
-              scale: float | None = None, chunk_bytes: int = 0) -> Array:
+              scale: float | None = None, cpu_block: int = 0) -> Array:
     """Softmax attention over [B, T, N, D] queries and [B, S, K, D] keys/values (N % K == 0).
 
-    `mask` is a boolean [B or 1, 1, T, S] (True = attend). Grouped-query attention is handled
-    by jax.nn.dot_product_attention; scores are accumulated in float32. With `chunk_bytes` (and
-    only on the CPU backend), the batch runs in chunks of rows whose scores fit that size, one
-    chunk after the other: the same arithmetic, with the [rows, N, T, S] scores in cache.
+    `mask` is a boolean [B or 1, 1, T, S] (True = attend; a query that sees no key attends to
+    all alike). Scores are accumulated in float32. Other backends, and the CPU with
+    `cpu_block=0`, run jax.nn.dot_product_attention; on the CPU with `cpu_block` > 0 it is
+    `blocked_attention`: the same arithmetic, 2-3x faster there (BENCHMARKS.md, "Train step").
     """
-    def run(q, k, v, mask):
+    if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1):
+        raise ValueError(f"attention mask must be [B or 1, 1, T, S], got {mask.shape}")
+    if not cpu_block or jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    b, t, n, d = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    # Head-major layout; a key group's G query heads stacked along the query axis, so that every
+    # product is a plain batched matmul over [B, K].
+    qt = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if mask is not None and g > 1:
+        mask = jnp.tile(mask, (1, 1, g, 1))
+    out = blocked_attention(qt, kt, vt, mask, d ** -0.5 if scale is None else scale, cpu_block)
+    return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
-    b, t, n = q.shape[:3]
-    chunks = 1
-    if chunk_bytes and jax.default_backend() == "cpu":
-        row_bytes = n * t * k.shape[1] * 4
-        chunks = next((c for c in range(1, b + 1) if b % c == 0 and b // c * row_bytes <= chunk_bytes), b)
-    if chunks == 1:
-        return run(q, k, v, mask)
-    # Chunk j takes rows j, j + chunks, ...: a batch sharded in contiguous blocks keeps every
-    # chunk spread over all its shards.
-    split = lambda x: jnp.swapaxes(x.reshape((b // chunks, chunks) + x.shape[1:]), 0, 1)  # noqa: E731
-    shared = mask is not None and mask.shape[0] == 1
-    xs = (split(q), split(k), split(v), None if mask is None or shared else split(mask))
-    out = jax.lax.map(lambda a: run(a[0], a[1], a[2], mask if shared else a[3]), xs)
-    return jnp.swapaxes(out, 0, 1).reshape(q.shape[:3] + v.shape[3:])
+
+def _row_spans(rows: int, block: int) -> list[tuple[int, int]]:
+    """[start, end) spans of about equal size, at most `block` rows each."""
+    size = -(-rows // max(1, -(-rows // block)))
+    return [(s, min(s + size, rows)) for s in range(0, rows, size)]
+
+
+def _scores(q, k, mask, scale, s0, s1):
+    s = jnp.einsum("bktd,bksd->bkts", q[:, :, s0:s1], k,
+                   preferred_element_type=jnp.float32) * scale
+    return s if mask is None else jnp.where(mask[:, :, s0:s1], s, -1e30)
+
+
+def _blocked_forward(q, k, v, mask, scale, block):
+    outs, maxes, totals = [], [], []
+    for s0, s1 in _row_spans(q.shape[2], block):
+        s = _scores(q, k, mask, scale, s0, s1)
+        m = s.max(-1, keepdims=True)
+        p = jnp.exp(s - m)
+        total = p.sum(-1, keepdims=True)
+        # Normalised after the product with v: [rows, D] divisions, not [rows, S].
+        o = jnp.einsum("bkts,bksd->bktd", p.astype(v.dtype), v,
+                       preferred_element_type=jnp.float32) / total
+        outs.append(o.astype(q.dtype))
+        maxes.append(m)
+        totals.append(total)
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 2)  # noqa: E731
+    # The row maxima and sums, not their log-sum-exp: next to a masked row's -1e30 the log of
+    # its sum would round away.
+    return cat(outs), (cat(maxes), cat(totals))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blocked_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float,
+                      block: int) -> Array:
+    """Softmax attention of head-major q [B, K, R, D] over k, v [B, K, S, D] (mask [B or 1, 1,
+    R, S]), in spans of at most `block` query rows, each one matmul - softmax - matmul; the
+    backward is written out from the saved row maxima and sums (as flash attention's), span by span.
+
+    Why, on XLA:CPU: there the three steps of a span fuse into one YNNPACK kernel, which runs
+    ~3x faster with a few hundred rows than with the whole [64 images, 4 heads, 257, 257] of
+    the demo's ViT in one piece, or with one image at a time (the `lax.map` over batch chunks
+    this replaced); and differentiating that forward gives a backward ~1.5x slower than this
+    one (BENCHMARKS.md, "Train step")."""
+    return _blocked_forward(q, k, v, mask, scale, block)[0]
+
+
+def _blocked_fwd(q, k, v, mask, scale, block):
+    out, stats = _blocked_forward(q, k, v, mask, scale, block)
+    return out, (q, k, v, mask, out, stats)
+
+
+def _blocked_bwd(scale, block, res, dout):
+    q, k, v, mask, out, (row_max, row_sum) = res
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    dqs, dk, dv = [], 0.0, 0.0
+    for s0, s1 in _row_spans(q.shape[2], block):
+        p = (jnp.exp(_scores(q, k, mask, scale, s0, s1) - row_max[:, :, s0:s1])
+             * (1 / row_sum[:, :, s0:s1]))
+        do = dout[:, :, s0:s1]
+        dv = dv + jnp.einsum("bkts,bktd->bksd", p.astype(do.dtype), do,
+                             preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bktd,bksd->bkts", do, v, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, :, s0:s1]) * scale
+        if mask is not None:  # a masked score is a constant: no gradient (rows that see no key)
+            ds = jnp.where(mask[:, :, s0:s1], ds, 0)
+        ds = ds.astype(q.dtype)
+        dqs.append(jnp.einsum("bkts,bksd->bktd", ds, k,
+                              preferred_element_type=jnp.float32).astype(q.dtype))
+        dk = dk + jnp.einsum("bkts,bktd->bksd", ds, q[:, :, s0:s1],
+                             preferred_element_type=jnp.float32)
+    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def causal_attention(q: Array, k: Array, v: Array, key_ok: Array, block: int, *,
-                     chunk_bytes: int = 0) -> Array:
+                     cpu_block: int = 0) -> Array:
     """Causal self-attention of T queries over the same T keys, block by block: queries
     [start, end) attend to keys [0, end). `key_ok` [B, T] is False at padding; a query always
     sees itself, so padding rows never softmax over nothing."""
@@ -172,7 +248,7 @@ def causal_attention(q: Array, k: Array, v: Array, key_ok: Array, block: int, *,
         k_pos = jnp.arange(end)[None, :]
         mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :end]) | (k_pos == q_pos)[None]
         outs.append(attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, None],
-                              chunk_bytes=chunk_bytes))
+                              cpu_block=cpu_block))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 

@@ -93,10 +93,10 @@ class DecoderLayer(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         if kv is None:
             y = causal_attention(q, k, v, mask, self.policy.attention_block,
-                                 chunk_bytes=self.policy.cpu_attention_chunk_bytes)
+                                 cpu_block=self.policy.cpu_attention_block)
         else:
             y = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                          chunk_bytes=self.policy.cpu_attention_chunk_bytes)
+                          cpu_block=self.policy.cpu_attention_block)
         x = x + self.o(y, r[3])
         y = self.mlp_norm(x)
         x = x + self.down(jax.nn.silu(self.gate(y, r[4])) * self.up(y, r[5]), r[6])
