@@ -106,13 +106,13 @@ def main():
         r = run(name, args.reps)
         results.append(r)
         ms = r["ms"]
-        print(f"{name:17s} fwd: one piece {ms['one_fwd']:6.1f}  blocked {ms['blocked_fwd']:6.1f}  "
-              f"torch {ms['torch_fwd']:6.1f}  ({ms['one_fwd'] / ms['blocked_fwd']:.2f}x, vs torch "
-              f"{ms['torch_fwd'] / ms['blocked_fwd']:.2f}x) | fwd+bwd: one piece {ms['one_bwd']:6.1f}  "
-              f"blocked {ms['blocked_bwd']:6.1f}  torch {ms['torch_bwd']:6.1f}  "
-              f"({ms['one_bwd'] / ms['blocked_bwd']:.2f}x, vs torch "
-              f"{ms['torch_bwd'] / ms['blocked_bwd']:.2f}x) | max diff {r['max_abs_diff_blocked']:.1e}",
-              flush=True)
+        cells = []
+        for part, label in (("fwd", "fwd"), ("bwd", "fwd+bwd")):
+            one, blocked, ref = ms[f"one_{part}"], ms[f"blocked_{part}"], ms[f"torch_{part}"]
+            cells.append(f"{label}: one piece {one:6.1f}  blocked {blocked:6.1f}  torch {ref:6.1f}"
+                         f"  ({one / blocked:.2f}x, vs torch {ref / blocked:.2f}x)")
+        print(f"{name:17s} " + " | ".join(cells) +
+              f" | max diff {r['max_abs_diff_blocked']:.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -233,7 +233,10 @@ def test_blocked_attention_equals_dot_product_attention(mask_rows):
     mask = None if mask_rows is None else jnp.asarray(rng.random((mask_rows, 1, 5, 7)) < 0.7)
     if mask is not None:
         mask = mask.at[..., 0].set(True).at[0, 0, 3].set(False)  # row 0, query 3 sees nothing
-    loss = lambda q, k, v, blk: jnp.sum(jnp.sin(attention(q, k, v, mask, cpu_block=blk)))  # noqa: E731
+
+    def loss(q, k, v, blk):
+        return jnp.sum(jnp.sin(attention(q, k, v, mask, cpu_block=blk)))
+
     want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     want_grads = jax.grad(loss, (0, 1, 2))(q, k, v, 0)
     assert jnp.array_equal(attention(q, k, v, mask), want)  # cpu_block=0: the same call

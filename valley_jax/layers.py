@@ -139,7 +139,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
     `mask` is a boolean [B or 1, 1, T, S] (True = attend; a query that sees no key attends to
     all alike). Scores are accumulated in float32. Other backends, and the CPU with
     `cpu_block=0`, run jax.nn.dot_product_attention; on the CPU with `cpu_block` > 0 it is
-    `blocked_attention`: the same arithmetic, 2-3x faster there (BENCHMARKS.md, "Train step").
+    `blocked_attention`: the same numbers, 1.4-3.7x faster there (bench/attention.py).
     """
     if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1):
         raise ValueError(f"attention mask must be [B or 1, 1, T, S], got {mask.shape}")
@@ -194,13 +194,14 @@ def blocked_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: f
                       block: int) -> Array:
     """Softmax attention of head-major q [B, K, R, D] over k, v [B, K, S, D] (mask [B or 1, 1,
     R, S]), in spans of at most `block` query rows, each one matmul - softmax - matmul; the
-    backward is written out from the saved row maxima and sums (as flash attention's), span by span.
+    backward is written out from the saved row maxima and sums (as flash attention's), span by
+    span.
 
-    Why, on XLA:CPU: there the three steps of a span fuse into one YNNPACK kernel, which runs
-    ~3x faster with a few hundred rows than with the whole [64 images, 4 heads, 257, 257] of
-    the demo's ViT in one piece, or with one image at a time (the `lax.map` over batch chunks
-    this replaced); and differentiating that forward gives a backward ~1.5x slower than this
-    one (BENCHMARKS.md, "Train step")."""
+    Why, on XLA:CPU: there a span's matmul - softmax - matmul fuses into one YNNPACK kernel that
+    runs on one thread, and spans are independent, so they run side by side on the CPU's threads
+    (the demo ViT's [64 images, 4 heads, 257, 257]: 47-52 ms in one piece, ~15 ms in two spans);
+    and differentiating that forward gives a backward 1.4-1.8x slower than this one
+    (bench/attention.py; BENCHMARKS.md, "Train step")."""
     return _blocked_forward(q, k, v, mask, scale, block)[0]
 
 
