@@ -32,7 +32,7 @@ class Policy:
     # end only: for long sequences about half the work of one fully masked attention.
     attention_block: int = 512
     # On CPU, softmax attention runs in spans of at most this many query rows with a written-out
-    # backward (`blocked_attention`): 2-3x faster there (BENCHMARKS.md, "Train step"). Other
+    # backward (`blocked_attention`): 1.4-3.7x faster there (bench/attention.py). Other
     # backends ignore it; 0 runs jax.nn.dot_product_attention on the CPU too.
     cpu_attention_block: int = 256
 
