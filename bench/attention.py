@@ -6,22 +6,23 @@ At the shapes the demo and the train-step bench run (the ViT at 224 and 112 px, 
 causal attention), forward and forward + backward, in one process on this machine's CPU threads:
 `layers.attention` with `cpu_block=0` (jax.nn.dot_product_attention in one piece), with the
 default `Policy.cpu_attention_block` (spans of query rows, written-out backward), and PyTorch's
-`scaled_dot_product_attention`. The sides run in turn, one call each per round (as
-bench/train_step.py's `timed_in_turn`); each figure is a median in milliseconds.
+`scaled_dot_product_attention`. The sides run in turn, one call each per round (bench/
+train_step.py's `timed_in_turn`); each figure is a median in milliseconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from train_step import timed_in_turn  # bench/, the script's folder
 from valley_jax import layers
 from valley_jax.layers import Policy
 
@@ -59,18 +60,6 @@ def torch_fns(causal, groups):
     return fwd, bwd
 
 
-def in_turn(calls: dict, reps: int) -> dict:
-    for call, args in calls.values():
-        call(*args)  # compile / warm up
-    times = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, (call, args) in calls.items():
-            start = time.perf_counter()
-            call(*args)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
 def run(name, reps):
     b, t, n, kh, d, causal = SHAPES[name]
     rng = np.random.default_rng(0)
@@ -84,9 +73,12 @@ def run(name, reps):
     want = np.asarray(one_fwd(q, k, v))
     got = np.asarray(blk_fwd(q, k, v))
     torch_out = t_fwd(tq, tk, tv).transpose(1, 2).numpy()
-    ms = in_turn({"one_fwd": (one_fwd, (q, k, v)), "blocked_fwd": (blk_fwd, (q, k, v)),
-                  "torch_fwd": (t_fwd, (tq, tk, tv)), "one_bwd": (one_bwd, (q, k, v)),
-                  "blocked_bwd": (blk_bwd, (q, k, v)), "torch_bwd": (t_bwd, (tq, tk, tv))}, reps)
+    calls = {"one_fwd": (one_fwd, (q, k, v)), "blocked_fwd": (blk_fwd, (q, k, v)),
+             "torch_fwd": (t_fwd, (tq, tk, tv)), "one_bwd": (one_bwd, (q, k, v)),
+             "blocked_bwd": (blk_bwd, (q, k, v)), "torch_bwd": (t_bwd, (tq, tk, tv))}
+    _, median = timed_in_turn({name: functools.partial(f, *a) for name, (f, a) in calls.items()},
+                              reps)
+    ms = {name: 1e3 * t for name, t in median.items()}
     return dict(shape=name, dims=SHAPES[name], ms=ms,
                 max_abs_diff_blocked=float(np.abs(got - want).max()),
                 max_abs_diff_torch=float(np.abs(torch_out - want).max()))

@@ -164,6 +164,10 @@ def _row_spans(rows: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, rows)) for s in range(0, rows, size)]
 
 
+def _cat_rows(parts: list[Array]) -> Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, 2)
+
+
 def _scores(q, k, mask, scale, s0, s1):
     s = jnp.einsum("bktd,bksd->bkts", q[:, :, s0:s1], k,
                    preferred_element_type=jnp.float32) * scale
@@ -183,10 +187,9 @@ def _blocked_forward(q, k, v, mask, scale, block):
         outs.append(o.astype(q.dtype))
         maxes.append(m)
         totals.append(total)
-    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 2)  # noqa: E731
     # The row maxima and sums, not their log-sum-exp: next to a masked row's -1e30 the log of
     # its sum would round away.
-    return cat(outs), (cat(maxes), cat(totals))
+    return _cat_rows(outs), (_cat_rows(maxes), _cat_rows(totals))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -229,8 +232,7 @@ def _blocked_bwd(scale, block, res, dout):
                               preferred_element_type=jnp.float32).astype(q.dtype))
         dk = dk + jnp.einsum("bkts,bktd->bksd", ds, q[:, :, s0:s1],
                              preferred_element_type=jnp.float32)
-    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 2)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+    return _cat_rows(dqs), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
