@@ -301,6 +301,27 @@ def test_captions_match_decoded_pixels(data, tracks):
             }
 
 
+def test_draw_split_replays_the_generated_records_and_scenes(data):
+    """Probes ask their own questions about a dataset's clips: `draw_split` must give the
+    generated split's records and the scenes behind them, without writing anything."""
+    files = {"train": ("stage1", "stage2"), "val": (None, "val"), "val_novel": (None, "val_novel")}
+    for split, (caption_file, qa_file) in files.items():
+        scenes, captions, qa = synthetic.draw_split(
+            split, seed=0, num_train=NUM_TRAIN, size=SIZE, frames=FRAMES)
+        assert qa == load(data, qa_file)
+        assert captions == (load(data, caption_file) if caption_file else [])
+        assert len(scenes) == len(qa)
+        for i, (scene, record) in enumerate(zip(scenes, qa)):
+            assert scene.is_video == ("video" in record)
+            if caption_file:
+                assert captions[i]["conversations"][1]["value"] == synthetic.caption(scene)
+            for turn in record["conversations"][1::2]:
+                if turn["qtype"] == "count":
+                    assert turn["value"] == synthetic.NUMBERS[len(scene.sprites) - 1]
+    with pytest.raises(ValueError, match="unknown split 'stage2'"):
+        synthetic.draw_split("stage2")
+
+
 def test_two_shape_clips_need_more_than_one_frame(tracks):
     """One shape is missing from frame 0, and the two start moving at different frames."""
     clips = [blobs for path, blobs in tracks.items() if path.endswith(".mp4") and len(blobs) == 2]
@@ -427,3 +448,45 @@ def test_tokenizer_round_trips_the_templates(data):
     # Valley's tokens are added by the data pipeline, not here.
     vocabulary = tokenizer.get_vocab()
     assert not {*tokens.ADDED_TOKENS, tokens.PAD, tokens.VIDEO, tokens.IMAGE} & set(vocabulary)
+
+
+def _demo_probe():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "bench" / "demo_probe.py"
+    spec = importlib.util.spec_from_file_location("demo_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_probe_questions_and_scores(data):
+    probe = _demo_probe()
+    meta_args = json.loads((data / "meta.json").read_text())["args"]
+    records = probe.probe_records("val", meta_args, None)
+    captions = [r for r in records if r["conversations"][1]["qtype"] == "caption_val"]
+    orders = [r for r in records if r["conversations"][1]["qtype"] == "order_val"]
+    assert len(orders) == 2 * len(captions) > 20
+    for caption in captions:  # the truths agree with the caption's order, read independently
+        first = re.match(r"a (\w+) ", caption["conversations"][1]["value"]).group(1)
+        assert first == caption["first"]
+        pair = [r for r in orders if r["clip"] == caption["id"].removesuffix("_caption")]
+        answers = {r["conversations"][0]["value"].split("Does the ")[1].split()[0]:
+                   r["conversations"][1]["value"] for r in pair}
+        assert answers[first] == "before" and sorted(answers.values()) == ["after", "before"]
+
+    truth = {r["id"]: r["conversations"][1]["value"] for r in records}
+    perfect = probe.score(records, truth)
+    assert perfect["caption_val"] == dict(clips=len(captions), first_mover_named_first=1.0,
+                                          exact=1.0)
+    assert perfect["order_val"] == dict(questions=len(orders), accuracy=1.0,
+                                        clips_answered_differently=1.0)
+    # Always "before": exactly half right, no clip answered differently; captions naming the
+    # second mover first score 0 on order and on the exact caption.
+    constant = {r["id"]: "Before." for r in orders}
+    swapped = {c["id"]: ", then ".join(truth[c["id"]].split(", then ")[::-1]) for c in captions}
+    worst = probe.score(records, {**constant, **swapped})
+    assert worst["order_val"] == dict(questions=len(orders), accuracy=0.5,
+                                      clips_answered_differently=0.0)
+    assert worst["caption_val"]["first_mover_named_first"] == 0.0
+    assert worst["caption_val"]["exact"] == 0.0

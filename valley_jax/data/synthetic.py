@@ -617,25 +617,30 @@ def _split_sizes(num_train: int) -> dict[str, int]:
     return {"train": num_train, "val": held_out, "val_novel": held_out}
 
 
-def _media(root: Path, split: str, index: int, scene: Scene, rng: np.random.Generator) -> dict:
-    """Renders and writes one scene; returns the record's media field."""
+def _media(
+    root: Path | None, split: str, index: int, scene: Scene, rng: np.random.Generator
+) -> dict:
+    """Renders and writes one scene (nothing when `root` is None); returns the record's media
+    field."""
     stem = f"{split}_{index:05d}"
-    frames = render(scene)
     if scene.is_video:
         relative = f"videos/{stem}.mp4"
-        write_video(root / relative, frames)
+        if root is not None:
+            write_video(root / relative, render(scene))
         return {"video": relative}
     relative = f"images/{stem}.{_pick(rng, ('png', 'jpg'))}"
-    write_image(root / relative, frames[0])
+    if root is not None:
+        write_image(root / relative, render(scene)[0])
     return {"image": relative}
 
 
 def _write_split(
-    root: Path, split: str, count: int, rng: np.random.Generator, size: int, frames: int
-) -> tuple[list[dict], list[dict]]:
-    """Media for `count` scenes; returns (caption records, QA records). Only train has captions."""
+    root: Path | None, split: str, count: int, rng: np.random.Generator, size: int, frames: int
+) -> tuple[list[Scene], list[dict], list[dict]]:
+    """Media for `count` scenes (none when `root` is None); returns (scenes, caption records,
+    QA records). Only train has captions."""
     tally = Tally()
-    captions, qa = [], []
+    scenes, captions, qa = [], [], []
     for i in range(count):
         is_video = rng.random() >= IMAGE_SHARE
         scene = sample_scene(
@@ -645,7 +650,31 @@ def _write_split(
         if split == "train":
             captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
         qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
-    return captions, qa
+        scenes.append(scene)
+    return scenes, captions, qa
+
+
+def _split_rng(seed: int, split: str, num_train: int) -> np.random.Generator:
+    # A random stream per split: the held-out sets do not depend on the train set.
+    return np.random.default_rng([seed, list(_split_sizes(num_train)).index(split)])
+
+
+def draw_split(
+    split: str,
+    *,
+    seed: int = 0,
+    num_train: int = NUM_TRAIN,
+    size: int = SIZE,
+    frames: int = NUM_FRAMES,
+) -> tuple[list[Scene], list[dict], list[dict]]:
+    """(scenes, caption records, QA records) of `split` ('train', 'val' or 'val_novel') exactly
+    as `generate` with these arguments draws them, rendering and writing nothing: what a probe
+    of a trained model needs to ask its own questions about the dataset's clips
+    (`bench/demo_probe.py`)."""
+    if split not in _split_sizes(num_train):
+        raise ValueError(f"unknown split {split!r}: train, val or val_novel")
+    count = _split_sizes(num_train)[split]
+    return _write_split(None, split, count, _split_rng(seed, split, num_train), size, frames)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -748,10 +777,9 @@ def generate(
     check_decord_reads(size, frames)
 
     splits: dict[str, list[dict]] = {}
-    for split_index, (split, count) in enumerate(_split_sizes(num_train).items()):
-        # A random stream per split: the held-out sets do not depend on the train set.
-        rng = np.random.default_rng([seed, split_index])
-        captions, qa = _write_split(root, split, count, rng, size, frames)
+    for split, count in _split_sizes(num_train).items():
+        rng = _split_rng(seed, split, num_train)
+        _, captions, qa = _write_split(root, split, count, rng, size, frames)
         if split == "train":
             splits["stage1"], splits["stage2"] = captions, qa
         else:
