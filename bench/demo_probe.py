@@ -18,6 +18,7 @@ the scenes, not from any file's answers. Every two-shape clip of `val` (and of t
   reads which shape the question names first answers the two differently; one that ignores it
   answers both alike, and gets exactly half right.
 
+Answers are scored as the trainer scores them (`qa.score`: exact match after normalisation).
 Greedy generation through `python -m valley_jax.evaluate` (its predictions and results are left
 in `--out`, default WORKDIR/probe). Figures in BENCHMARKS.md, "CPU demo".
 """
@@ -30,7 +31,7 @@ import json
 import os
 import re
 
-from valley_jax import evaluate, tokens
+from valley_jax import evaluate, qa, tokens
 from valley_jax.data import synthetic
 
 CAPTION_PROMPT = synthetic.CAPTION_PROMPTS["video"][0]
@@ -69,11 +70,6 @@ def _record(record_id: str, video: str, question: str, answer: str, qtype: str, 
         {"from": "gpt", "value": answer, "qtype": qtype}]}
 
 
-def first_word(text: str) -> str:
-    words = text.strip().lower().split()
-    return words[0].strip(".,!?") if words else ""
-
-
 def score(records: list[dict], predictions: dict[str, str]) -> dict[str, dict]:
     """Per probe: the figures the module docstring describes."""
     by_qtype = collections.defaultdict(list)
@@ -83,14 +79,16 @@ def score(records: list[dict], predictions: dict[str, str]) -> dict[str, dict]:
     for qtype, group in sorted(by_qtype.items()):
         if qtype.startswith("caption"):
             firsts = [_COLOURS.findall(predictions[r["id"]])[:1] == [r["first"]] for r in group]
-            exact = [predictions[r["id"]].strip() == r["conversations"][1]["value"] for r in group]
+            exact = [qa.score(predictions[r["id"]], r["conversations"][1]["value"])["exact"]
+                     for r in group]
             out[qtype] = dict(clips=len(group), first_mover_named_first=sum(firsts) / len(group),
                               exact=sum(exact) / len(group))
             continue
-        right = [first_word(predictions[r["id"]]) == r["conversations"][1]["value"] for r in group]
+        right = [qa.score(predictions[r["id"]], r["conversations"][1]["value"])["exact"]
+                 for r in group]
         answers = collections.defaultdict(set)
         for r in group:
-            answers[r["clip"]].add(first_word(predictions[r["id"]]))
+            answers[r["clip"]].add(qa.normalise(predictions[r["id"]]))
         out[qtype] = dict(questions=len(group), accuracy=sum(right) / len(group),
                           clips_answered_differently=sum(len(a) == 2 for a in answers.values())
                           / len(answers))

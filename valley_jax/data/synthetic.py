@@ -671,10 +671,10 @@ def draw_split(
     as `generate` with these arguments draws them, rendering and writing nothing: what a probe
     of a trained model needs to ask its own questions about the dataset's clips
     (`bench/demo_probe.py`)."""
-    if split not in _split_sizes(num_train):
+    sizes = _split_sizes(num_train)
+    if split not in sizes:
         raise ValueError(f"unknown split {split!r}: train, val or val_novel")
-    count = _split_sizes(num_train)[split]
-    return _write_split(None, split, count, _split_rng(seed, split, num_train), size, frames)
+    return _write_split(None, split, sizes[split], _split_rng(seed, split, num_train), size, frames)
 
 
 def _summary(records: list[dict]) -> dict:
