@@ -123,35 +123,18 @@ def test_stage1_trains_only_projector_and_new_token_rows():
 # Runs one jitted (2, 2, 2)-mesh stage-1 step many times; XLA aborts the process when a
 # collective waits longer than the timeout for its devices.
 MANY_STEPS = """
-import jax, numpy as np
-from flax import nnx
-from test_step import NEW_ROWS_FROM, make_batch, tiny_config
-from valley_jax import optim, sharding, step as step_lib
-from valley_jax.valley import Valley
+import numpy as np
+from test_step import make_batch, run, tiny_config
 cfg = tiny_config()
-mesh = sharding.make_mesh(2, 2, 2, devices=jax.devices()[:8])
-graphdef, params, axes, paths = step_lib.split_model(Valley(cfg, rngs=nnx.Rngs(0)))
-trainable = optim.stage_trainable("pretrain", paths, embed_rows_from=NEW_ROWS_FROM)
-tx, schedule = optim.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
-fn = step_lib.make_step(graphdef, trainable, tx, schedule, micro_batches=1, mesh=mesh)
-state = step_lib.init_state(params, trainable, tx)
-state_sh = step_lib.tree_shardings(state, axes, mesh)
-state = jax.device_put(state, state_sh)
-batch = make_batch(cfg, 0)
-batch_sh = sharding.batch_shardings(batch, mesh)
-batch = jax.device_put(batch, batch_sh)
-jitted = step_lib.jit_step(fn, state_sh, batch_sh, mesh)
-for i in range(500):
-    state, metrics = jitted(state, batch, jax.random.key(i))
-    loss = float(metrics["loss"])
-print("steps", i + 1, np.isfinite(loss))
+losses = run(cfg, (2, 2, 2), stage="pretrain", lr=1e-2, batches=[make_batch(cfg, 0)] * 500)[0]
+print("steps", len(losses), bool(np.isfinite(losses).all()))
 """
 
 
 def test_many_sharded_steps_do_not_deadlock():
-    """Eight fake devices on a 2-core host: without conftest's PJRT_NPROC, XLA:CPU's intra-op pool
-    (8 threads) fills with blocked collectives within a few hundred of these steps and the process
-    aborts (SIGABRT, "Termination timeout for `all reduce ..."); here none may wait 10 s."""
+    """Eight fake devices on a 2-core host: without conftest's PJRT_NPROC
+    (`sharding.size_cpu_thread_pools`), XLA:CPU's intra-op pool (8 threads) fills with blocked
+    collectives within a few hundred of these steps and the process aborts (SIGABRT, "Termination timeout for `all reduce ..."); here none may wait 10 s."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         "--xla_force_host_platform_device_count=8"
         " --xla_cpu_collective_call_terminate_timeout_seconds=10"))
@@ -159,6 +142,21 @@ def test_many_sharded_steps_do_not_deadlock():
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
     assert out.stdout.split() == ["steps", "500", "True"]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=8"},
+     "64"),
+    ({"JAX_NUM_CPU_DEVICES": "4"}, "32"),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, None),
+    ({}, None),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "12"}, "12"),
+])
+def test_cpu_thread_pools_sized_for_fake_devices(env, expected):
+    """Several CPU devices get 8 XLA:CPU pool threads each (test_many_sharded_steps_do_not_deadlock
+    shows why); a user's PJRT_NPROC stands."""
+    sharding.size_cpu_thread_pools(env)
+    assert env.get("PJRT_NPROC") == expected
 
 
 def test_stage2_leaves_the_vision_tower_bitwise_unchanged():

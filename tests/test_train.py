@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from valley_jax import checkpoint, hf, malloc
-from valley_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # the demo config, smaller: a few steps on a tiny synthetic world
@@ -235,17 +234,3 @@ def test_an_init_checkpoint_of_another_architecture_is_refused(uninterrupted):
     assert f"llm.layers.attn_norm.scale ({depth}, {width}) (the model's: ({depth + 1}, {width}))" \
         in str(error.value)
 
-
-@pytest.mark.parametrize("env,expected", [
-    ({"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=8"},
-     "64"),
-    ({"JAX_NUM_CPU_DEVICES": "4"}, "32"),
-    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, None),
-    ({}, None),
-    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "12"}, "12"),
-])
-def test_cpu_thread_pools_sized_for_fake_devices(env, expected):
-    """Several CPU devices get 8 XLA:CPU pool threads each (test_step.py's
-    test_many_sharded_steps_do_not_deadlock shows why); a user's PJRT_NPROC stands."""
-    train_lib.size_cpu_thread_pools(env)
-    assert env.get("PJRT_NPROC") == expected

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 from typing import Iterable, Sequence
 
 import jax
@@ -37,6 +39,18 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("norm", ()),
 )
+
+
+def size_cpu_thread_pools(env=os.environ) -> None:
+    """Several CPU devices in one process (`--xla_force_host_platform_device_count=N` or
+    JAX_NUM_CPU_DEVICES, to try a mesh on a laptop): XLA:CPU's intra-op pool has max(cores, N)
+    threads, and a sharded step's collectives, handed to that pool, block it until every device
+    joins them, which can deadlock a small pool (XLA then aborts after 40 s). Unless PJRT_NPROC
+    is set, give it 8 threads per device. Call before jax creates its CPU client."""
+    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
+    devices = int(match.group(1)) if match else int(env.get("JAX_NUM_CPU_DEVICES") or 1)
+    if devices > 1 and "PJRT_NPROC" not in env:
+        env["PJRT_NPROC"] = str(8 * devices)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:

@@ -46,23 +46,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Processes
 
 
-def size_cpu_thread_pools(env=os.environ) -> None:
-    """Several CPU devices in one process (`--xla_force_host_platform_device_count=N` or
-    JAX_NUM_CPU_DEVICES, to try a mesh on a laptop): XLA:CPU's intra-op pool has max(cores, N)
-    threads, and a sharded step's collectives, handed to that pool, block it until every device
-    joins them, which can deadlock a small pool (XLA then aborts after 40 s). Unless PJRT_NPROC
-    is set, give it 8 threads per device. Call before jax creates its CPU client."""
-    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
-    devices = int(match.group(1)) if match else int(env.get("JAX_NUM_CPU_DEVICES") or 1)
-    if devices > 1 and "PJRT_NPROC" not in env:
-        env["PJRT_NPROC"] = str(8 * devices)
-
-
 def maybe_initialize_distributed() -> None:
     """Joins a multi-process run when the environment describes one (TPU pod slices, SLURM,
     or an explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
     env = os.environ
-    size_cpu_thread_pools(env)
+    sharding.size_cpu_thread_pools(env)
     if "cpu" in env.get("JAX_PLATFORMS", ""):
         # CPU processes need a collectives backend to talk to each other (tests, CPU clusters).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
