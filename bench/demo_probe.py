@@ -1,5 +1,5 @@
 """Probes of a trained demo model's order answers (issue #6): does it know which shape moves
-first, and does it read which shapes the question names?
+first, and does its reply follow the video rather than the question's wording?
 
     python bench/demo_probe.py --workdir /tmp/valley_demo/stage2 [--train-clips 300] [--json PATH]
 
@@ -13,10 +13,11 @@ the scenes, not from any file's answers. Every two-shape clip of `val` (and of t
   left, then a blue square moves up"): scored as the share of captions whose first colour is the
   first mover's, and of captions right word for word;
 - the move-order question both ways, naming the shapes by colour: "Does the A object move before
-  or after the B object?" and the same with A and B swapped. Scored as the share of questions
-  answered right (chance 0.50) and the share of clips whose two answers differ: a model that
-  reads which shape the question names first answers the two differently; one that ignores it
-  answers both alike, and gets exactly half right.
+  or after the B object?" and the same with A and B swapped. The reply names the two in the
+  order they move ("The B object moves first, then the A object."), so it is the same both ways.
+  Scored as the share of questions answered right (chance 0.50) and the share of clips whose two
+  replies are alike: a model that reads the order off the video replies alike; one that repeats
+  the question's order replies differently, and gets exactly half right.
 
 Answers are scored as the trainer scores them (`qa.score`: exact match after normalisation).
 Greedy generation through `python -m valley_jax.evaluate` (its predictions and results are left
@@ -56,9 +57,11 @@ def probe_records(split: str, meta_args: dict, max_clips: int | None) -> list[di
         first = min(scene.sprites, key=lambda sprite: sprite.move_start)
         records.append(_record(f"{clip}_caption", record["video"], CAPTION_PROMPT,
                                synthetic.caption(scene), f"caption_{split}", first=first.colour))
-        for a, b in (scene.sprites, scene.sprites[::-1]):
+        for named in ((0, 1), (1, 0)):
+            a, b = (scene.sprites[i] for i in named)
             question = ORDER_TEMPLATE.format(ref=f"{a.colour} object", other=f"{b.colour} object")
-            answer = "before" if a is first else "after"
+            answer = synthetic.answer_text("move_order", scene, named, "colour",
+                                           "before" if a is first else "after")
             records.append(_record(f"{clip}_order_{a.colour}", record["video"], question, answer,
                                    f"order_{split}", clip=clip))
     return records
@@ -90,7 +93,7 @@ def score(records: list[dict], predictions: dict[str, str]) -> dict[str, dict]:
         for r in group:
             answers[r["clip"]].add(qa.normalise(predictions[r["id"]]))
         out[qtype] = dict(questions=len(group), accuracy=sum(right) / len(group),
-                          clips_answered_differently=sum(len(a) == 2 for a in answers.values())
+                          clips_answered_alike=sum(len(a) == 1 for a in answers.values())
                           / len(answers))
     return out
 

@@ -186,7 +186,10 @@ def answer_from_pixels(question: str, qtype: str, blobs: dict[str, Blob]) -> str
     if qtype == "move_order":
         assert len(refs) == 2 and None not in (refs[0].onset, refs[1].onset)
         assert refs[0].onset != refs[1].onset
-        return "before" if refs[0].onset < refs[1].onset else "after"
+        by_colour = refs[0].colour in question.lower()
+        first, second = (f"{b.colour} object" if by_colour else b.shape
+                         for b in sorted(refs, key=lambda blob: blob.onset))
+        return f"The {first} moves first, then the {second}."
     assert len(refs) == 1, question
     return {"colour": refs[0].colour, "shape": refs[0].shape, "direction": refs[0].direction}[qtype]
 
@@ -263,7 +266,24 @@ def test_record_format(data):
             text = "".join(h["value"] + g["value"] for h, g in turns)
             assert text.count(tokens.VIDEO) + text.count(tokens.IMAGE) == 1
             assert record["qtypes"] == [gpt["qtype"] for _, gpt in turns]
-            assert all(gpt["value"] in VOCAB[gpt["qtype"]] for _, gpt in turns)
+            for human, gpt in turns:
+                reply, qtype = gpt["value"], gpt["qtype"]
+                if qtype == "move_order":  # the two shapes in the order they move
+                    assert re.fullmatch(r"The [a-z ]+ moves first, then the [a-z ]+\.", reply)
+                else:
+                    assert reply in VOCAB[qtype]
+                assert synthetic.answer_key(qtype, human["value"], reply) in VOCAB[qtype]
+
+
+def test_move_order_answer_key():
+    """Whether the shape a move-order question asks about moves before or after the other."""
+    asked = "Does the circle start moving before or after the square?"
+    assert synthetic.answer_key("move_order", asked, "The circle moves first, then the square.") \
+        == "before"
+    assert synthetic.answer_key("move_order", "<video>\nDoes the red object move before or after "
+                                "the circle?", "The circle moves first, then the red object.") \
+        == "after"
+    assert synthetic.answer_key("shape", "What shape is the red object?", "circle") == "circle"
 
 
 def test_no_answer_is_given_away_by_earlier_turns(data):
@@ -349,9 +369,10 @@ def test_question_types_balanced_and_chance_levels(data):
         counts = dict.fromkeys(CHANCE, 0)
         answers = {qtype: dict.fromkeys(vocab, 0) for qtype, vocab in VOCAB.items()}
         for record in load(data, name):
-            for _, gpt in qa_turns(record):
+            for human, gpt in qa_turns(record):
                 counts[gpt["qtype"]] += 1
-                answers[gpt["qtype"]][gpt["value"]] += 1
+                answers[gpt["qtype"]][
+                    synthetic.answer_key(gpt["qtype"], human["value"], gpt["value"])] += 1
         assert meta["splits"][name]["qtypes"] == counts
         assert meta["splits"][name]["answers"] == answers
         uniform = sum(counts.values()) / len(counts)
@@ -450,6 +471,20 @@ def test_tokenizer_round_trips_the_templates(data):
     assert not {*tokens.ADDED_TOKENS, tokens.PAD, tokens.VIDEO, tokens.IMAGE} & set(vocabulary)
 
 
+def test_replies_fit_the_trainers_answer_budget(data):
+    """The trainer's evaluation generates at most `eval.max_new_tokens` per answer: every reply
+    of the held-out sets, and the stop after it, must fit (8 cut the longer move-order replies)."""
+    from valley_jax import qa, run_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    budget = run_config.base("finetune").eval.max_new_tokens
+    stop = len(qa.stop_ids(tokenizer))
+    longest = max(len(tokenizer.encode(" " + gpt["value"], add_special_tokens=False))
+                  for name in ("val", "val_novel") for record in load(data, name)
+                  for _, gpt in qa_turns(record))
+    assert longest == 11 and longest + stop <= budget
+
+
 def _demo_probe():
     import importlib.util
 
@@ -473,20 +508,25 @@ def test_demo_probe_questions_and_scores(data):
         pair = [r for r in orders if r["clip"] == caption["id"].removesuffix("_caption")]
         answers = {r["conversations"][0]["value"].split("Does the ")[1].split()[0]:
                    r["conversations"][1]["value"] for r in pair}
-        assert answers[first] == "before" and sorted(answers.values()) == ["after", "before"]
+        second = next(colour for colour in answers if colour != first)
+        truth = f"The {first} object moves first, then the {second} object."
+        assert set(answers.values()) == {truth}  # asked either way
 
     truth = {r["id"]: r["conversations"][1]["value"] for r in records}
     perfect = probe.score(records, truth)
     assert perfect["caption_val"] == dict(clips=len(captions), first_mover_named_first=1.0,
                                           exact=1.0)
     assert perfect["order_val"] == dict(questions=len(orders), accuracy=1.0,
-                                        clips_answered_differently=1.0)
-    # Always "before": exactly half right, no clip answered differently; captions naming the
-    # second mover first score 0 on order and on the exact caption.
-    constant = {r["id"]: "Before." for r in orders}
+                                        clips_answered_alike=1.0)
+    # Replies that repeat the question's order: exactly half right, no clip answered alike;
+    # captions naming the second mover first score 0 on order and on the exact caption.
+    asked = [re.match(r"Does the (\w+) object move before or after the (\w+) object",
+                      r["conversations"][0]["value"].split("\n")[1]).groups() for r in orders]
+    repeat = {r["id"]: f"The {a} object moves first, then the {b} object."
+              for r, (a, b) in zip(orders, asked)}
     swapped = {c["id"]: ", then ".join(truth[c["id"]].split(", then ")[::-1]) for c in captions}
-    worst = probe.score(records, {**constant, **swapped})
+    worst = probe.score(records, {**repeat, **swapped})
     assert worst["order_val"] == dict(questions=len(orders), accuracy=0.5,
-                                      clips_answered_differently=0.0)
+                                      clips_answered_alike=0.0)
     assert worst["caption_val"]["first_mover_named_first"] == 0.0
     assert worst["caption_val"]["exact"] == 0.0

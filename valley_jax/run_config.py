@@ -66,8 +66,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
     ))
 
     # Demo evaluation: answer accuracy per question type by greedy generation on these splits
-    # (their first `max_items` questions; 0 = all of them).
-    c.eval = ml_collections.ConfigDict(dict(qa=(), max_new_tokens=8, max_items=200, batch_size=32))
+    # (their first `max_items` questions; 0 = all of them). max_new_tokens must hold the longest
+    # reply: the demo's move-order replies take up to 11 tokens and the stop 1 (tests/test_synthetic.py).
+    c.eval = ml_collections.ConfigDict(dict(qa=(), max_new_tokens=16, max_items=200, batch_size=32))
     return c
 
 

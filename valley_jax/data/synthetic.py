@@ -16,6 +16,8 @@ The task is built so that answers need the pixels, and some need their order:
   word of its answer vocabulary occurs in any earlier question or answer, and "how many" is
   only ever the first question.
 - Question types, and the answers within each type, are balanced, so chance is 1 / answers.
+- A move-order reply puts the two shapes in the order they move ("The square moves first, then
+  the circle."), not "before" or "after", an exclusive-or the demo model cannot learn.
 - Colours are saturated and far apart, and sprites sit on the 2x2 chroma grid, so that lossy
   video coding cannot confuse colours or shapes.
 
@@ -49,7 +51,7 @@ from PIL import Image
 from valley_jax import tokens
 
 # Bump whenever the output for given arguments changes, so that stale demo sets are rebuilt.
-VERSION = 2
+VERSION = 3
 
 COLOURS = {
     "red": (230, 30, 30),
@@ -68,7 +70,8 @@ NUMBERS = ("one", "two")
 # and each shape still occurs in training, only these pairings are new.
 HELD_OUT_COMBOS = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
 
-# The answer vocabulary of each question type; chance level is 1 / its size.
+# The answers of each question type (a move-order reply puts its shapes in order instead, see
+# `answer_text`); chance level is 1 / their number.
 ANSWERS = {
     "colour": tuple(COLOURS),
     "shape": SHAPES,
@@ -407,6 +410,36 @@ def _handles(sequence: tuple[str, ...]) -> list[tuple[str, ...]] | None:
     return handles
 
 
+def answer_text(qtype: str, scene: Scene, named: tuple[int, ...], handle: str | None,
+                answer: str) -> str:
+    """The reply a record holds for the answer `_ways_to_ask` gives.
+
+    A move-order reply names the two shapes in the order they move, in the question's own terms:
+    asked "Does the circle move before or after the square?", "The square moves first, then the
+    circle." A bare "after" would be the exclusive-or of which shape moves first and which one
+    the question names first, neither of which says anything about it alone; the demo model
+    names the first mover right but does not learn that comparison (BENCHMARKS.md, "CPU demo").
+    """
+    if qtype != "move_order":
+        return answer
+    first, second = (_ref(scene.sprites[i], handle) for i in named)
+    if answer == "after":
+        first, second = second, first
+    return f"The {first} moves first, then the {second}."
+
+
+_ORDER_QUESTION = re.compile(r"Does the (.+?) (?:start moving|move) before or after the ")
+
+
+def answer_key(qtype: str, question: str, reply: str) -> str:
+    """The word of `ANSWERS[qtype]` a reply gives: the reply itself, or for move order, whether
+    the shape the question asks about moves before or after the other."""
+    if qtype != "move_order":
+        return reply
+    ref = _ORDER_QUESTION.search(question).group(1)
+    return "before" if reply.startswith(f"The {ref} moves first") else "after"
+
+
 def _question(
     qtype: str, scene: Scene, named: tuple[int, ...], handle: str | None, rng: np.random.Generator
 ) -> str:
@@ -456,7 +489,8 @@ def plan_qa(
     for qtype, options in zip(sequence, handles, strict=True):
         named, answer = ways[qtype]
         handle = _pick(rng, options) if options else None
-        turns.append((_question(qtype, scene, named, handle, rng), answer, qtype))
+        turns.append((_question(qtype, scene, named, handle, rng),
+                      answer_text(qtype, scene, named, handle, answer), qtype))
         tally.add(qtype, answer)
     return turns
 
@@ -681,9 +715,10 @@ def _summary(records: list[dict]) -> dict:
     """Counts for meta.json: records, media, turns, question types, answers per type."""
     answers = {qtype: dict.fromkeys(vocabulary, 0) for qtype, vocabulary in ANSWERS.items()}
     for record in records:
-        for turn in record["conversations"]:
+        conversation = record["conversations"]
+        for question, turn in zip(conversation[::2], conversation[1::2]):
             if "qtype" in turn:
-                answers[turn["qtype"]][turn["value"]] += 1
+                answers[turn["qtype"]][answer_key(turn["qtype"], question["value"], turn["value"])] += 1
     summary = {
         "records": len(records),
         "videos": len({r["video"] for r in records if "video" in r}),
