@@ -54,6 +54,36 @@ def test_colour_layout_finds_each_colour_where_it_is_drawn():
     assert tags_named(vision_pretrain.frame_tags(tags, present[3])) == ["red square", "blue circle"]
 
 
+def test_patch_shapes_label_each_patch_with_the_shape_covering_it():
+    # 64 px in 16-px patches; a red square, a blue circle from frame 2 and a green circle the
+    # caption does not name (so no label can be given it).
+    square = synthetic.Sprite("red", "square", 20, 10, 30, "right", 20, 0, 1, 3)
+    circle = synthetic.Sprite("blue", "circle", 16, 40, 4, "up", 0, 2, 1, 3)
+    untagged = synthetic.Sprite("green", "circle", 12, 2, 2, "up", 0, 0, 1, 3)
+    scene = synthetic.Scene((square, circle, untagged), frames=4, size=64, background=100,
+                            noise=6, noise_seed=0)
+    frames = synthetic.render(scene)
+    present, _ = vision_pretrain.colour_layout(frames)
+    caption = vision_pretrain.caption_tags("a red square moves right, then a blue circle moves up")
+    tags = np.stack([vision_pretrain.frame_tags(caption, p) for p in present])
+    labels = vision_pretrain.patch_shapes(vision_pretrain.palette_ids(frames), tags, 16)
+    # Expected from the sprites' own masks: a patch takes a named sprite's shape where that
+    # sprite covers at least a quarter of it.
+    expected = np.zeros((4, 4, 4), np.int32)
+    for t in range(4):
+        for sprite in (square, circle):
+            if t < sprite.appear:
+                continue
+            canvas = np.zeros((64, 64), bool)
+            x, y = sprite.corner(t)
+            canvas[y:y + sprite.size, x:x + sprite.size] = synthetic._shape_mask(sprite.shape,
+                                                                                sprite.size)
+            covered = canvas.reshape(4, 16, 4, 16).sum((1, 3)) * 4 >= 256
+            expected[t][covered] = 1 + synthetic.SHAPES.index(sprite.shape)
+    np.testing.assert_array_equal(labels, expected)
+    assert (labels[0] == 1).sum() == 2 and not (labels[:2] == 2).any() and (labels[2:] == 2).any()
+
+
 def tiny_model(seed: int = 0) -> Valley:
     cfg = preset("demo")
     vision = dataclasses.replace(cfg.vision, image_size=28, depth=2)
@@ -99,6 +129,8 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     guess = np.linalg.norm(centres[on] - centres[on].mean(0), axis=-1).mean() / 2
     assert untrained["presence_right"] < 0.1 and result["presence_right"] >= 0.95
     assert result["centre_error"] < 0.6 * guess < untrained["centre_error"]
+    # Each patch a block covers a quarter of says which shape it is part of (2 shapes here).
+    assert untrained["patch_shape_right"] < 0.5 and result["patch_shape_right"] >= 0.85
 
 
 def test_trainer_pretrains_the_vit_once_into_workdir_init(tmp_path):

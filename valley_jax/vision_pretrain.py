@@ -14,10 +14,14 @@ through the features Valley uses (the selected layer's tokens):
   (mean- and max-pooled);
 - layout, from the pixels (`colour_layout`): for each of the palette's colours, whether it is in
   the frame and the centre of its pixels, read from the class token, so that the LLM's frame
-  tokens say where each shape is in each frame, as CLIP's class token does.
+  tokens say where each shape is in each frame, as CLIP's class token does;
+- patch shapes, from both (`patch_shapes`): for each patch token, the shape of the tagged colour
+  that covers a quarter of it, if any, so that a question naming a colour can find that colour's
+  patches and read its shape (and which way and when it moves) off them.
 
 Sigmoid cross-entropy for tags and presence, squared error for the centres of the colours present
-(the layout terms weighted by LAYOUT_WEIGHT); linear heads that are then thrown away. The
+(the layout terms weighted by LAYOUT_WEIGHT), softmax cross-entropy for the patch shapes (weighted
+by PATCH_WEIGHT); linear heads that are then thrown away. The
 held-out tenth of the clips is scored to show what the tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a resumed
 run does not pretrain again.
 """
@@ -58,6 +62,9 @@ MIN_PRESENT = 0.005
 # as the tags, 2000 steps got all tags of a held-out frame right 0.49 of the time (0.998 without
 # layout) and centres within 0.11 of the side; with 0.3, 0.81 and 0.12 (BENCHMARKS.md, "CPU demo").
 LAYOUT_WEIGHT = 0.3
+# Each patch token is also taught which shape it is part of (`patch_shapes`), so that the LLM can
+# find a named colour's patches and read its shape off them.
+PATCH_WEIGHT = 0.3
 
 
 def caption_tags(caption: str) -> np.ndarray:
@@ -80,6 +87,14 @@ def _palette_lut() -> np.ndarray:
     return lut
 
 
+def palette_ids(frames: np.ndarray) -> np.ndarray:
+    """int8 [N, H, W]: the palette colour of each pixel of uint8 RGB frames [N, H, W, 3], -1
+    for none."""
+    lut = _palette_lut()
+    return np.concatenate([lut[chunk[..., 0], chunk[..., 1], chunk[..., 2]]
+                           for chunk in np.array_split(frames, max(1, len(frames) // 256))])
+
+
 def colour_layout(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where each palette colour is in uint8 RGB frames [N, H, W, 3].
 
@@ -87,14 +102,12 @@ def colour_layout(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     and centres float32 [N, 6, 2]: (x, y) of the colour's pixels, -1 at the left / top edge, +1 at
     the right / bottom one, 0 where the colour is absent."""
     n, h, w, _ = frames.shape
-    lut = _palette_lut()
     ys = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
     xs = (np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1
     count = np.zeros((n, len(_PALETTE)), np.float32)
     sums = np.zeros((n, len(_PALETTE), 2), np.float32)
     for i in range(0, n, 256):
-        chunk = frames[i:i + 256]
-        colour = lut[chunk[..., 0], chunk[..., 1], chunk[..., 2]]  # [n, H, W]
+        colour = palette_ids(frames[i:i + 256])  # [n, H, W]
         for c in range(len(_PALETTE)):
             mask = colour == c
             count[i:i + 256, c] = mask.sum((1, 2))
@@ -103,6 +116,24 @@ def colour_layout(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present = count >= MIN_PRESENT * h * w
     centres = sums / np.maximum(count, 1)[..., None] * present[..., None]
     return present.astype(np.float32), centres.astype(np.float32)
+
+
+def patch_shapes(ids: np.ndarray, tags: np.ndarray, patch: int) -> np.ndarray:
+    """int32 [N, H/patch, W/patch]: which shape each patch of frames is part of, 1 + its index
+    in `synthetic.SHAPES`, from the frames' palette colours (`palette_ids`: [N, H, W]) and tags
+    [N, 18] (the caption names each colour's shape); 0 where no tagged colour covers a quarter
+    of the patch."""
+    n, h, w = ids.shape
+    gh, gw = h // patch, w // patch
+    colour = ids[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
+    colours = len(synthetic.COLOURS)
+    counts = np.stack([(colour == c).sum((2, 4)) for c in range(colours)], -1)  # [N, gh, gw, 6]
+    pairs = tags.reshape(n, colours, len(synthetic.SHAPES))
+    shape_of = np.where(pairs.any(-1), pairs.argmax(-1) + 1, 0)  # [N, 6]; 0: not tagged
+    dominant = counts.argmax(-1)
+    covered = np.take_along_axis(counts, dominant[..., None], -1)[..., 0] * 4 >= patch * patch
+    label = np.take_along_axis(shape_of, dominant.reshape(n, -1), 1).reshape(n, gh, gw)
+    return np.where(covered, label, 0).astype(np.int32)
 
 
 def frame_tags(tags: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -174,23 +205,24 @@ class Tagger(nnx.Module):
         self.normalize = model.normalize
         self.head = nnx.Linear(2 * width, len(TAGS), rngs=rngs)
         self.cls_head = nnx.Linear(width, 3 * colours, rngs=rngs)
+        self.patch_head = nnx.Linear(width, 1 + len(synthetic.SHAPES), rngs=rngs)
 
     def __call__(self, images):
         """Logits of the tags [B, 18] (from the patches), of presence [B, 6] and the centres
-        [B, 6, 2] (from the class token)."""
+        [B, 6, 2] (from the class token), and of each patch's shape [B, N, 4] (0: none)."""
         tokens = self.vision.encode(self.normalize(self.vision.patchify(images)))
         tokens = tokens.astype(jnp.float32)
         patches = tokens[:, 1:]
         pooled = self.head(jnp.concatenate([patches.mean(1), patches.max(1)], axis=-1))
         out = self.cls_head(tokens[:, 0])
         c = len(synthetic.COLOURS)
-        return pooled, out[:, :c], out[:, c:].reshape(-1, c, 2)
+        return pooled, out[:, :c], out[:, c:].reshape(-1, c, 2), self.patch_head(patches)
 
 
 def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
              centres: np.ndarray, record_of: np.ndarray | None = None, *, steps: int,
              batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 250,
-             layout_weight: float = LAYOUT_WEIGHT) -> dict:
+             layout_weight: float = LAYOUT_WEIGHT, patch_weight: float = PATCH_WEIGHT) -> dict:
     """Trains `model.vision` in place on `frames` (random crops of `image_size` from the larger
     frames; AdamW, warm-up then cosine). The frames of the last tenth of the records are held out
     (`record_of`: each frame's record; by default each frame is its own).
@@ -218,14 +250,15 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
         return np.where(present[..., None] > 0, pixels / size * 2 - 1, 0).astype(np.float32)
 
     @nnx.jit
-    def train_step(tagger, optimizer, images, tags, present, centres):
+    def train_step(tagger, optimizer, images, tags, present, centres, shapes):
         def loss_fn(tagger):
-            pooled, presence, where = tagger(images)
+            pooled, presence, where, patch_logits = tagger(images)
             bce = optax.sigmoid_binary_cross_entropy
             error = ((where - centres) ** 2).sum(-1)
             layout = (error * present).sum() / jnp.maximum(present.sum(), 1)
-            return bce(pooled, tags).mean() + layout_weight * (bce(presence, present).mean()
-                                                               + layout)
+            patch = optax.softmax_cross_entropy_with_integer_labels(patch_logits, shapes).mean()
+            return (bce(pooled, tags).mean() + patch_weight * patch
+                    + layout_weight * (bce(presence, present).mean() + layout))
 
         loss, grads = nnx.value_and_grad(loss_fn)(tagger)
         optimizer.update(tagger, grads)
@@ -233,28 +266,38 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
 
     predict = nnx.jit(lambda tagger, images: tagger(images))
     offset = margin // 2
+    patch = model.cfg.vision.patch_size
+    ids = palette_ids(frames)  # once: the lookup is most of a step's labelling time
+    held_shapes = patch_shapes(ids[held_rows, offset:offset + size, offset:offset + size],
+                               tags[held_rows], patch)
 
     def held_out() -> dict:
         outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
                                        offset:offset + size]) for i in range(0, len(held_rows), 256)]
-        pooled, presence, where = (np.concatenate([np.asarray(o[k]) for o in outs])
-                                   for k in range(3))
+        pooled, presence, where, patch_logits = (np.concatenate([np.asarray(o[k]) for o in outs])
+                                                 for k in range(4))
         truth, on = tags[held_rows] > 0, present[held_rows]
+        shapes = held_shapes.reshape(len(held_rows), -1)
+        on_shape = shapes > 0
         right = (pooled > 0) == truth
         true_centres = crop_centres(centres[held_rows], on, offset, offset)
         distance = np.sqrt(((where - true_centres) ** 2).sum(-1)) / 2  # share of the side
         return {"tag_accuracy": float(right.mean()),
                 "all_tags_right": float(right.all(1).mean()),
                 "presence_right": float(((presence > 0) == (on > 0)).all(1).mean()),
-                "centre_error": float((distance * on).sum() / max(on.sum(), 1))}
+                "centre_error": float((distance * on).sum() / max(on.sum(), 1)),
+                "patch_shape_right": float(
+                    (patch_logits.argmax(-1) == shapes)[on_shape].mean())}
 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         rows = train_rows[rng.integers(0, len(train_rows), batch_size)]
         y, x = rng.integers(0, margin + 1, 2)
+        shapes = patch_shapes(ids[rows, y:y + size, x:x + size], tags[rows], patch)
         loss = train_step(tagger, optimizer, frames[rows, y:y + size, x:x + size], tags[rows],
-                          present[rows], crop_centres(centres[rows], present[rows], x, y))
+                          present[rows], crop_centres(centres[rows], present[rows], x, y),
+                          shapes.reshape(len(rows), -1))
         if step % log_every == 0 or step == steps:
             log.info("vision pretraining step %d/%d loss %.4f held-out %s (%.0f s)", step, steps,
                      float(loss), held_out(), time.perf_counter() - start)
