@@ -18,12 +18,13 @@ from valley_jax.data.skips import SkipRecord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Stage 2 of the demo from a random start, small: 40 steps are enough for answers that are
-# sometimes right (what makes the comparison with the trainer's figures mean something).
+# sometimes right (what makes the comparison with the trainer's figures mean something), over 48
+# questions (of the v3 world's first 16, none was right).
 TRAIN = ["--config.total_steps=40", "--config.optim.lr=3e-3", "--config.batch_size=8",
          "--config.checkpoint_every=1000", "--config.eval_every=1000", "--config.log_every=10",
          "--config.data.synthetic_num_train=24", "--config.data.val_batches=1",
          "--config.data.num_workers=0", "--config.data.max_length=160",
-         "--config.model.num_frames=4", "--config.eval.max_items=16"]
+         "--config.model.num_frames=4", "--config.eval.max_items=48"]
 
 
 def env(**extra):
@@ -97,7 +98,8 @@ def test_offline_accuracy_equals_the_trainers_and_the_judge_is_recorded(demo, tm
     assert 0 < trainer["all"] < 1  # answers that are sometimes right: a comparison that can fail
     assert results["offline"]["all"]["n"] == ev["max_items"]
     judged = results["judged"]["qa"]
-    assert judged["accuracy"] == trainer["all"] and judged["score"] == 5 * trainer["all"]
+    assert judged["accuracy"] == trainer["all"]
+    assert judged["score"] == pytest.approx(5 * trainer["all"], rel=1e-12)  # a mean of 0s and 5s
     assert judged["n"] == ev["max_items"] and judged["unparsable"] == 0
     assert set(results["judged"]["qa_by_qtype"]) == set(trainer) - {"all"}
 
