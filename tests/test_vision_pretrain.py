@@ -113,7 +113,7 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     frames, tags = block_frames(400, seed=0)
     labels = (tags, *vision_pretrain.colour_layout(frames))
     untrained = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=0)
-    result = vision_pretrain.pretrain(model, frames, *labels, steps=600, batch_size=32, lr=3e-3)
+    result = vision_pretrain.pretrain(model, frames, *labels, steps=900, batch_size=32, lr=3e-3)
     after = hf.get_flat(model)
     assert set(after) == set(before)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
@@ -129,6 +129,10 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     guess = np.linalg.norm(centres[on] - centres[on].mean(0), axis=-1).mean() / 2
     assert untrained["presence_right"] < 0.1 and result["presence_right"] >= 0.95
     assert result["centre_error"] < 0.6 * guess < untrained["centre_error"]
+    # So does the mean of the patch tokens (what Valley's temporal modules average over time).
+    assert untrained["mean_patch_presence_right"] < 0.1
+    assert result["mean_patch_presence_right"] >= 0.95
+    assert result["mean_patch_centre_error"] < 0.6 * guess < untrained["mean_patch_centre_error"]
     # Each patch a block covers a quarter of says which shape it is part of (2 shapes here).
     assert untrained["patch_shape_right"] < 0.5 and result["patch_shape_right"] >= 0.85
 

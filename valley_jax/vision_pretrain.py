@@ -14,16 +14,21 @@ through the features Valley uses (the selected layer's tokens):
   (mean- and max-pooled);
 - layout, from the pixels (`colour_layout`): for each of the palette's colours, whether it is in
   the frame and the centre of its pixels, read from the class token, so that the LLM's frame
-  tokens say where each shape is in each frame, as CLIP's class token does;
+  tokens say where each shape is in each frame, as CLIP's class token does, and read again from
+  the mean of the patch tokens: Valley's temporal transformer (v3) sees each patch position's
+  tokens over the frames and adds their mean, so a colour's place in the patch tokens lets it
+  turn two frames into which way that colour went, where the LLM, from class tokens, has to
+  compare tokens of different frames itself (direction answers 0.69 -> 0.90 at seed 0;
+  BENCHMARKS.md, "CPU demo", session 17);
 - patch shapes, from both (`patch_shapes`): for each patch token, the shape of the tagged colour
   that covers a quarter of it, if any, so that a question naming a colour can find that colour's
   patches and read its shape (and which way and when it moves) off them.
 
 Sigmoid cross-entropy for tags and presence, squared error for the centres of the colours present
-(the layout terms weighted by LAYOUT_WEIGHT), softmax cross-entropy for the patch shapes (weighted
-by PATCH_WEIGHT); linear heads that are then thrown away. The
-held-out tenth of the clips is scored to show what the tower learned. The result is saved as the run's initial checkpoint (`WORKDIR/init`), so a resumed
-run does not pretrain again.
+(the layout terms, of both readouts, weighted by LAYOUT_WEIGHT), softmax cross-entropy for the
+patch shapes (weighted by PATCH_WEIGHT); linear heads that are then thrown away. The held-out
+tenth of the clips is scored to show what the tower learned. The result is saved as the run's
+initial checkpoint (`WORKDIR/init`), so a resumed run does not pretrain again.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import re
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -196,8 +202,9 @@ def _read_image(path: str, size: int) -> np.ndarray:
 
 
 class Tagger(nnx.Module):
-    """The Valley model's ViT (shared, not copied), a linear head on its pooled patch tokens
-    (tags) and one on its class token (presence and centre of each colour)."""
+    """The Valley model's ViT (shared, not copied) and linear heads: on its pooled patch tokens
+    (tags), on its class token and on the mean of its patch tokens (each: presence and centre of
+    each colour), and on each patch token (its shape)."""
 
     def __init__(self, model, *, rngs: nnx.Rngs):
         width, colours = model.cfg.vision.width, len(synthetic.COLOURS)
@@ -206,17 +213,23 @@ class Tagger(nnx.Module):
         self.head = nnx.Linear(2 * width, len(TAGS), rngs=rngs)
         self.cls_head = nnx.Linear(width, 3 * colours, rngs=rngs)
         self.patch_head = nnx.Linear(width, 1 + len(synthetic.SHAPES), rngs=rngs)
+        self.mean_head = nnx.Linear(width, 3 * colours, rngs=rngs)
 
     def __call__(self, images):
-        """Logits of the tags [B, 18] (from the patches), of presence [B, 6] and the centres
-        [B, 6, 2] (from the class token), and of each patch's shape [B, N, 4] (0: none)."""
+        """Logits of the tags [B, 18] (from the patches); the layout from the class token and
+        from the mean patch token, each as logits of presence [B, 6] and centres [B, 6, 2]; and
+        logits of each patch's shape [B, N, 4] (0: none)."""
         tokens = self.vision.encode(self.normalize(self.vision.patchify(images)))
         tokens = tokens.astype(jnp.float32)
         patches = tokens[:, 1:]
         pooled = self.head(jnp.concatenate([patches.mean(1), patches.max(1)], axis=-1))
-        out = self.cls_head(tokens[:, 0])
         c = len(synthetic.COLOURS)
-        return pooled, out[:, :c], out[:, c:].reshape(-1, c, 2), self.patch_head(patches)
+
+        def layout(out):
+            return out[:, :c], out[:, c:].reshape(-1, c, 2)
+
+        return (pooled, layout(self.cls_head(tokens[:, 0])),
+                layout(self.mean_head(patches.mean(1))), self.patch_head(patches))
 
 
 def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
@@ -227,9 +240,11 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     frames; AdamW, warm-up then cosine). The frames of the last tenth of the records are held out
     (`record_of`: each frame's record; by default each frame is its own).
 
-    Returns, on the held-out frames: tag_accuracy and all_tags_right, presence_right (all six
-    colours' presence right) and centre_error (mean distance of a present colour's predicted
-    centre from its true one, as a share of the frame's side)."""
+    Returns, on the held-out frames: tag_accuracy and all_tags_right; from the class token,
+    presence_right (all six colours' presence right) and centre_error (mean distance of a present
+    colour's predicted centre from its true one, as a share of the frame's side); the same from
+    the mean patch token (mean_patch_presence_right, mean_patch_centre_error); and patch_shape_right (of
+    the patches a tagged colour covers a quarter of, the share whose shape is right)."""
     size = model.cfg.vision.image_size
     if frames.shape[1] < size:
         raise ValueError(f"frames of {frames.shape[1]} px cannot be cropped to {size}")
@@ -252,10 +267,13 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     @nnx.jit
     def train_step(tagger, optimizer, images, tags, present, centres, shapes):
         def loss_fn(tagger):
-            pooled, presence, where, patch_logits = tagger(images)
+            pooled, (presence, where), (mean_presence, mean_where), patch_logits = tagger(
+                images)
             bce = optax.sigmoid_binary_cross_entropy
-            error = ((where - centres) ** 2).sum(-1)
+            # The layout's terms of both readouts, the class token's and the mean patch token's.
+            error = ((where - centres) ** 2).sum(-1) + ((mean_where - centres) ** 2).sum(-1)
             layout = (error * present).sum() / jnp.maximum(present.sum(), 1)
+            layout = layout + bce(mean_presence, present).mean()
             patch = optax.softmax_cross_entropy_with_integer_labels(patch_logits, shapes).mean()
             return (bce(pooled, tags).mean() + patch_weight * patch
                     + layout_weight * (bce(presence, present).mean() + layout))
@@ -264,7 +282,7 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
         optimizer.update(tagger, grads)
         return loss
 
-    predict = nnx.jit(lambda tagger, images: tagger(images))
+    predict = nnx.jit(lambda tagger, images: jax.tree.leaves(tagger(images)))
     offset = margin // 2
     patch = model.cfg.vision.patch_size
     ids = palette_ids(frames)  # once: the lookup is most of a step's labelling time
@@ -274,18 +292,27 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     def held_out() -> dict:
         outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
                                        offset:offset + size]) for i in range(0, len(held_rows), 256)]
-        pooled, presence, where, patch_logits = (np.concatenate([np.asarray(o[k]) for o in outs])
-                                                 for k in range(4))
+        pooled, presence, where, mean_presence, mean_where, patch_logits = (
+            np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(6))
         truth, on = tags[held_rows] > 0, present[held_rows]
         shapes = held_shapes.reshape(len(held_rows), -1)
         on_shape = shapes > 0
         right = (pooled > 0) == truth
         true_centres = crop_centres(centres[held_rows], on, offset, offset)
-        distance = np.sqrt(((where - true_centres) ** 2).sum(-1)) / 2  # share of the side
+
+        def presence_right(logits):
+            return float(((logits > 0) == (on > 0)).all(1).mean())
+
+        def centre_error(where):
+            distance = np.sqrt(((where - true_centres) ** 2).sum(-1)) / 2  # share of the side
+            return float((distance * on).sum() / max(on.sum(), 1))
+
         return {"tag_accuracy": float(right.mean()),
                 "all_tags_right": float(right.all(1).mean()),
-                "presence_right": float(((presence > 0) == (on > 0)).all(1).mean()),
-                "centre_error": float((distance * on).sum() / max(on.sum(), 1)),
+                "presence_right": presence_right(presence),
+                "centre_error": centre_error(where),
+                "mean_patch_presence_right": presence_right(mean_presence),
+                "mean_patch_centre_error": centre_error(mean_where),
                 "patch_shape_right": float(
                     (patch_logits.argmax(-1) == shapes)[on_shape].mean())}
 
