@@ -62,6 +62,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
         # this many steps to tag frames with the colour-shape pairs their captions name
         # (valley_jax/vision_pretrain.py), from the records of `vision_pretrain_data`.
         vision_pretrain_steps=0,
+        vision_pretrain_lr=2e-3,  # peak; AdamW, warm-up then cosine, batches of 64 frames
         vision_pretrain_data="{data}/stage1.json",  # media paths relative to its folder
     ))
 

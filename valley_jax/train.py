@@ -140,7 +140,8 @@ def _pretrain_vision_init(config, data: str, path: str) -> None:
     log.info("vision pretraining: %d frames of %s, %d steps", len(frames), records,
              config.init.vision_pretrain_steps)
     result = vision_pretrain.pretrain(model, frames, *labels,
-                                      steps=config.init.vision_pretrain_steps, seed=config.seed)
+                                      steps=config.init.vision_pretrain_steps,
+                                      lr=config.init.vision_pretrain_lr, seed=config.seed)
     log.info("vision pretraining done: held-out %s", result)
     # Written by this process alone, as the converters write theirs (save_model is collective).
     model_ckpt.save_state(path, cfg, hf.get_flat(model), tokenizer=tok_path)

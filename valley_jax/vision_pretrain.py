@@ -234,7 +234,7 @@ class Tagger(nnx.Module):
 
 def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
              centres: np.ndarray, record_of: np.ndarray | None = None, *, steps: int,
-             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 250,
+             batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 250,
              layout_weight: float = LAYOUT_WEIGHT, patch_weight: float = PATCH_WEIGHT) -> dict:
     """Trains `model.vision` in place on `frames` (random crops of `image_size` from the larger
     frames; AdamW, warm-up then cosine). The frames of the last tenth of the records are held out
