@@ -28,10 +28,11 @@ def get_config(arg: str = "7b"):
         # The stand-in for CLIP (which cannot be downloaded here): the random ViT first learns to
         # tag frames with their captions' colour-shape pairs, through its class token and the
         # mean of its patch tokens where each colour is, and through each patch token which
-        # shape it is part of (valley_jax/vision_pretrain.py; ~3 min). Direction answers at seed
-        # 0: 0.27-0.79 without the layout, 0.69-0.91 with it in the class token, 0.90 with it in
-        # the patch tokens too. Shape answers at seed 0: 0.60 without the patch shapes, 0.84-0.87
-        # with them (BENCHMARKS.md, "CPU demo").
+        # shape it is part of (valley_jax/vision_pretrain.py; ~2.5 min). Direction answers at
+        # seed 0: 0.27-0.79 without the layout, 0.69-0.91 with it in the class token, 0.90 with
+        # it in the patch tokens too. Shape answers at seed 0: 0.60 without the patch shapes,
+        # 0.84-0.87 with them, 0.98 once the pretraining's peak lr went 1e-3 -> 2e-3
+        # (init.vision_pretrain_lr; BENCHMARKS.md, "CPU demo").
         c.init.vision_pretrain_steps = 2500
         c.data.train = [dict(path="{data}/stage1.json", video_root="{data}", image_root="{data}")]
         c.data.val = [dict(path="{data}/val.json", video_root="{data}", image_root="{data}")]
