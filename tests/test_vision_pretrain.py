@@ -112,7 +112,7 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     before = hf.get_flat(model)
     frames, tags = block_frames(400, seed=0)
     labels = (tags, *vision_pretrain.colour_layout(frames))
-    untrained = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=0)
+    untrained = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=0, lr=3e-3)
     result = vision_pretrain.pretrain(model, frames, *labels, steps=900, batch_size=32, lr=3e-3)
     after = hf.get_flat(model)
     assert set(after) == set(before)

@@ -228,23 +228,27 @@ class Tagger(nnx.Module):
         def layout(out):
             return out[:, :c], out[:, c:].reshape(-1, c, 2)
 
+        # The mean is written twice on purpose: XLA fuses each into its consumer, and one shared
+        # mean rounds the step differently from the one the demo's figures were measured with.
         return (pooled, layout(self.cls_head(tokens[:, 0])),
                 layout(self.mean_head(patches.mean(1))), self.patch_head(patches))
 
 
 def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
              centres: np.ndarray, record_of: np.ndarray | None = None, *, steps: int,
-             batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 250,
+             lr: float, batch_size: int = 64, seed: int = 0, log_every: int = 250,
              layout_weight: float = LAYOUT_WEIGHT, patch_weight: float = PATCH_WEIGHT) -> dict:
     """Trains `model.vision` in place on `frames` (random crops of `image_size` from the larger
-    frames; AdamW, warm-up then cosine). The frames of the last tenth of the records are held out
+    frames; AdamW at peak `lr`, warm-up then cosine; the trainer passes
+    `config.init.vision_pretrain_lr`). The frames of the last tenth of the records are held out
     (`record_of`: each frame's record; by default each frame is its own).
 
     Returns, on the held-out frames: tag_accuracy and all_tags_right; from the class token,
     presence_right (all six colours' presence right) and centre_error (mean distance of a present
     colour's predicted centre from its true one, as a share of the frame's side); the same from
-    the mean patch token (mean_patch_presence_right, mean_patch_centre_error); and patch_shape_right (of
-    the patches a tagged colour covers a quarter of, the share whose shape is right)."""
+    the mean patch token (mean_patch_presence_right, mean_patch_centre_error); and
+    patch_shape_right (of the patches a tagged colour covers a quarter of, the share whose shape
+    is right)."""
     size = model.cfg.vision.image_size
     if frames.shape[1] < size:
         raise ValueError(f"frames of {frames.shape[1]} px cannot be cropped to {size}")
