@@ -1,6 +1,8 @@
 """The trainer: resume after kill -9 is bitwise exact, SIGTERM checkpoints, damaged checkpoints
 fall back, and two processes equal one."""
 
+import glob
+import gzip
 import json
 import os
 import signal
@@ -54,7 +56,8 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    log = run_to_end(workdir)
+    # Profiled (steps 3-4): the resumed runs below, which are not, must still end bitwise equal.
+    log = run_to_end(workdir, "--config.profile.start_step=2", "--config.profile.num_steps=2")
     return workdir, log
 
 
@@ -73,6 +76,21 @@ def test_progress_lines_metrics_and_final_model(uninterrupted):
     assert steps(workdir) == [2, 4, 6, 8]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 8
+
+
+def test_profile_traces_the_configured_steps(uninterrupted):
+    workdir, log = uninterrupted
+    assert f"profile of steps 3-4 written to {os.path.join(workdir, 'profile')}" in log
+    traces = glob.glob(os.path.join(workdir, "profile", "**", "*.trace.json.gz"), recursive=True)
+    assert traces, os.listdir(os.path.join(workdir, "profile"))
+    events = json.load(gzip.open(traces[0]))["traceEvents"]
+    # The train step's jitted function, called once per traced step (each call is traced at two
+    # levels, one span inside the other).
+    calls = [e for e in events if e.get("ph") == "X" and e.get("name") == "PjitFunction(step)"]
+    outermost = [e for e in calls if not any(
+        o is not e and o["ts"] <= e["ts"] and e["ts"] + e["dur"] <= o["ts"] + o["dur"]
+        and (o["ts"], -o["dur"]) < (e["ts"], -e["dur"]) for o in calls)]
+    assert len(outermost) == 2, [(e["ts"], e["dur"]) for e in calls]
 
 
 def test_kill_9_then_rerun_resumes_and_ends_bitwise_equal(uninterrupted, tmp_path):

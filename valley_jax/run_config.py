@@ -70,6 +70,11 @@ def base(stage: str) -> ml_collections.ConfigDict:
     # (their first `max_items` questions; 0 = all of them). max_new_tokens must hold the longest
     # reply: the demo's move-order replies take up to 11 tokens and the stop 1 (tests/test_synthetic.py).
     c.eval = ml_collections.ConfigDict(dict(qa=(), max_new_tokens=16, max_items=200, batch_size=32))
+
+    # jax.profiler trace of `num_steps` train steps from `start_step` (after compilation and warm-up),
+    # into WORKDIR/profile (TensorBoard's profile plugin, or Perfetto: a .trace.json.gz beside it).
+    # 0 steps: no trace.
+    c.profile = ml_collections.ConfigDict(dict(start_step=20, num_steps=0))
     return c
 
 

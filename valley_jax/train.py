@@ -511,15 +511,25 @@ def train(config, workdir: str) -> dict:
         log.info("eval step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
+    profile_start = config.profile.start_step
+    profile_stop = profile_start + config.profile.num_steps if config.profile.num_steps > 0 else -1
     results = {}
     try:
         while step < config.total_steps:
+            if step == profile_start and profile_stop > step:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"),
+                                         create_perfetto_trace=True)
             t0 = time.perf_counter()
             host_batch = next(loader)
             wait += time.perf_counter() - t0
             tokens += int(host_batch["attention_mask"].sum()) * jax.process_count()
             state, m = train_step(state, to_device(host_batch), jax.random.fold_in(base_key, step))
             step += 1
+            if step == profile_stop or (step == config.total_steps and profile_start < step < profile_stop):
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                log.info("profile of steps %d-%d written to %s", profile_start + 1, step,
+                         os.path.join(workdir, "profile"))
             if step % config.log_every == 0 or step == config.total_steps:
                 m = jax.device_get(m)  # waits for the step
                 elapsed = time.perf_counter() - last_time
