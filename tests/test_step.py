@@ -233,3 +233,22 @@ def test_analytic_flops_match_xla_cost_analysis(stage, temporal):
     xla = jax.jit(fn).lower(state, batch, None).compile().cost_analysis()["flops"]
     analytic = flops.step_flops(cfg, batch=4, seq_len=64, num_frames=4, stage=stage)["total"]
     assert abs(analytic / xla - 1) < 0.10, (analytic, xla)
+
+
+def test_vision_lr_scale_scales_only_the_vision_updates():
+    params = {("vision", "w"): jnp.full((3, 2), 0.5), ("vision", "bias"): jnp.zeros((2,)),
+              ("llm", "w"): jnp.full((3, 2), -0.25)}
+    grads = {p: jnp.arange(v.size, dtype=jnp.float32).reshape(v.shape) - 1.5
+             for p, v in params.items()}
+    updates = {}
+    for scale in (1.0, 0.25):
+        tx, _ = optim.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1,
+                                     vision_lr_scale=scale)
+        state = tx.init(params)
+        for _ in range(2):  # the second step: past warm-up, weight decay in the update
+            u, state = tx.update(grads, state, params)
+        updates[scale] = u
+    for p in params:
+        want = updates[1.0][p] * (0.25 if p[0] == "vision" else 1.0)
+        np.testing.assert_array_equal(updates[0.25][p], want, err_msg=str(p))
+    assert float(jnp.abs(updates[1.0][("vision", "w")]).min()) > 0

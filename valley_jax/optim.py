@@ -67,9 +67,12 @@ def decays(path: Path) -> bool:
 
 def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                   grad_clip: float = 1.0):
+                   grad_clip: float = 1.0, vision_lr_scale: float = 1.0):
     """AdamW with linear warm-up from 0 and cosine decay to 0 at `total_steps` (as Hugging Face's
-    cosine schedule), after global-norm clipping. Returns (optax transform, schedule)."""
+    cosine schedule), after global-norm clipping. The ViT's updates (when it trains) are scaled
+    by `vision_lr_scale`: its own learning rate as a multiple of `lr`, weight decay included, as
+    a torch parameter group with its own lr (LLaVA-NeXT's `mm_vision_tower_lr`). Returns (optax
+    transform, schedule)."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
@@ -78,4 +81,7 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int, b1: float 
         optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
     )
+    if vision_lr_scale != 1.0:
+        vision = lambda params: {p: p[0] == "vision" for p in params}  # noqa: E731
+        tx = optax.chain(tx, optax.masked(optax.scale(vision_lr_scale), vision))
     return tx, schedule

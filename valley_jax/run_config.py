@@ -34,7 +34,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        lr=2e-3, warmup_ratio=0.03, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0))
+        lr=2e-3, warmup_ratio=0.03, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
+        # With model.train_vision: the ViT's learning rate as a multiple of lr (1: the same).
+        vision_lr_scale=1.0))
 
     c.data = ml_collections.ConfigDict(dict(
         # Each: path (JSON / JSONL / prepared ArrayRecord folder), video_root, image_root, weight.

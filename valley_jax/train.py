@@ -238,7 +238,7 @@ def build_step(config, cfg: config_lib.ValleyConfig, model, mesh, embed_rows_fro
         lr=config.optim.lr, total_steps=config.total_steps,
         warmup_steps=math.ceil(config.optim.warmup_ratio * config.total_steps),
         b1=config.optim.b1, b2=config.optim.b2, weight_decay=config.optim.weight_decay,
-        grad_clip=config.optim.grad_clip)
+        grad_clip=config.optim.grad_clip, vision_lr_scale=config.optim.vision_lr_scale)
     step_fn = step_lib.make_step(graphdef, trainable, tx, schedule,
                                  micro_batches=config.micro_batches,
                                  train_vision=config.model.train_vision, mesh=mesh)
