@@ -44,7 +44,7 @@ def probe_records(split: str, meta_args: dict, max_clips: int | None) -> list[di
     """One caption record and two move-order records for each two-shape clip of `split`."""
     scenes, _, qa = synthetic.draw_split(
         split, seed=meta_args["seed"], num_train=meta_args["num_train"],
-        size=meta_args["size"], frames=meta_args["frames"])
+        size=meta_args["size"], frames=meta_args["frames"], qa_rounds=meta_args["qa_rounds"])
     records = []
     clips = 0
     for scene, record in zip(scenes, qa):

@@ -227,19 +227,24 @@ def test_layout_counts_and_media(data):
         "num_train": NUM_TRAIN,
         "size": SIZE,
         "frames": FRAMES,
+        "qa_rounds": synthetic.QA_ROUNDS,
         "codec": synthetic.video_codec(),
     }
     records = {name: split["records"] for name, split in meta["splits"].items()}
+    assert synthetic.QA_ROUNDS == 3
     assert records == {
         "stage1": NUM_TRAIN,
-        "stage2": NUM_TRAIN,
+        "stage2": 3 * NUM_TRAIN,
         "val": NUM_HELD_OUT,
         "val_novel": NUM_HELD_OUT,
     }
-    # Every train scene has one caption and one QA record; held-out scenes one QA record each.
-    assert {media_of(r) for r in load(data, "stage1")} == {
-        media_of(r) for r in load(data, "stage2")
-    }
+    # Every train scene has one caption and three QA records, round by round in the scenes'
+    # order; held-out scenes one QA record each.
+    captions, qa = load(data, "stage1"), load(data, "stage2")
+    assert [media_of(r) for r in qa] == 3 * [media_of(r) for r in captions]
+    assert [r["id"] for r in qa[NUM_TRAIN + 1::NUM_TRAIN]] == ["train_qa_00001_r1",
+                                                              "train_qa_00001_r2"]
+    assert len({r["id"] for r in qa}) == 3 * NUM_TRAIN
     videos, images = list((data / "videos").iterdir()), list((data / "images").iterdir())
     assert len(videos) + len(images) == NUM_TRAIN + 2 * NUM_HELD_OUT
     assert {p.suffix for p in videos} == {".mp4"} and {p.suffix for p in images} == {".png", ".jpg"}
@@ -330,11 +335,13 @@ def test_draw_split_replays_the_generated_records_and_scenes(data):
             split, seed=0, num_train=NUM_TRAIN, size=SIZE, frames=FRAMES)
         assert qa == load(data, qa_file)
         assert captions == (load(data, caption_file) if caption_file else [])
-        assert len(scenes) == len(qa)
-        for i, (scene, record) in enumerate(zip(scenes, qa)):
+        assert len(qa) == (3 if split == "train" else 1) * len(scenes)
+        for i, record in enumerate(qa):
+            scene = scenes[i % len(scenes)]
             assert scene.is_video == ("video" in record)
             if caption_file:
-                assert captions[i]["conversations"][1]["value"] == synthetic.caption(scene)
+                caption = captions[i % len(scenes)]["conversations"][1]["value"]
+                assert caption == synthetic.caption(scene)
             for turn in record["conversations"][1::2]:
                 if turn["qtype"] == "count":
                     assert turn["value"] == synthetic.NUMBERS[len(scene.sprites) - 1]
@@ -413,12 +420,32 @@ def test_generate_skips_a_complete_dataset_and_rebuilds_a_changed_one(tmp_path):
 
     synthetic.generate(tmp_path, num_train=4, **small)
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["args"]["num_train"] == 4 and meta["splits"]["stage2"]["records"] == 4
+    assert meta["args"]["num_train"] == 4 and meta["splits"]["stage2"]["records"] == 12
     referenced = {media_of(r) for name in ALL_SPLITS for r in load(tmp_path, name)}
     on_disk = media_files(tmp_path)
     assert on_disk == referenced  # the media of the two dropped train scenes are gone
     clip = next(path for path in on_disk if path.endswith(".mp4"))
     assert decode(tmp_path, clip).shape == (8, 64, 64, 3)
+
+
+def test_qa_rounds_add_questions_and_change_nothing_else(tmp_path):
+    """Later QA rounds ask other questions about the same scenes; the scenes, the captions, the
+    first round and the tokenizer (so stage 1) are those of a one-round dataset."""
+    small = {"seed": 3, "size": 64, "frames": 8, "num_train": 30}
+    one = synthetic.generate(tmp_path / "one", qa_rounds=1, **small)
+    three = synthetic.generate(tmp_path / "three", qa_rounds=3, **small)
+    for key in ("stage1", "val", "val_novel"):
+        assert one[key].read_bytes() == three[key].read_bytes(), key
+    assert (one["tokenizer"] / "tokenizer.model").read_bytes() == (
+        three["tokenizer"] / "tokenizer.model").read_bytes()
+    first, rounds = load(tmp_path / "one", "stage2"), load(tmp_path / "three", "stage2")
+    assert rounds[:30] == first and len(rounds) == 90
+    asked = [tuple(h["value"].split("\n")[-1] for h, _ in qa_turns(r)) for r in rounds]
+    # Each round is planned on its own, so a scene is rarely asked the same turns twice.
+    repeats = sum(len({asked[i], asked[i + 30], asked[i + 60]}) < 3 for i in range(30))
+    assert repeats <= 3, repeats
+    with pytest.raises(ValueError, match="qa_rounds must be positive"):
+        synthetic.generate(tmp_path / "none", qa_rounds=0, **small)
 
 
 def test_generate_links_an_identical_dataset_instead_of_generating_it(tmp_path):

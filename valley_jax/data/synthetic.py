@@ -23,7 +23,7 @@ The task is built so that answers need the pixels, and some need their order:
 
 Usage:
     python -m valley_jax.data.synthetic --out DIR [--seed S] [--num-train N] [--size PX] \
-        [--frames F]
+        [--frames F] [--qa-rounds R]
 
 `generate(out_dir, ...)` does the same from Python and returns the paths it wrote; it does nothing
 when `out_dir/meta.json` (written last) records the same arguments.
@@ -51,7 +51,7 @@ from PIL import Image
 from valley_jax import tokens
 
 # Bump whenever the output for given arguments changes, so that stale demo sets are rebuilt.
-VERSION = 3
+VERSION = 4
 
 COLOURS = {
     "red": (230, 30, 30),
@@ -121,6 +121,14 @@ EXCESS_WEIGHT = 0.5
 TOKENIZER_VOCAB = 768
 # Defaults of `generate` and the command line: a set a tiny model learns on CPU in minutes.
 NUM_TRAIN, SIZE, NUM_FRAMES = 1500, 112, 16
+# QA records per train scene, each of other questions (the first round as before; later rounds
+# from a random stream of their own, each balanced like the first). With one, the demo's stage 2
+# answered its training questions (colour 1.00, shape 0.96) and not held-out ones (0.73, 0.54) at
+# seed 2, while its captions of held-out clips named each colour's shape right 0.985 of the time:
+# it had learned the answers of 1500 clips, not how to read them off the tokens. Three rounds, no
+# more video: held-out shape 0.83 (BENCHMARKS.md, "CPU demo", session 19).
+QA_ROUNDS = 3
+_ROUNDS_STREAM = 99  # the later rounds' random stream: default_rng([seed, _ROUNDS_STREAM])
 MIN_FRAMES = 8
 MIN_SIZE = 64
 _MEDIA_NAME = re.compile(r"^(train|val|val_novel)_\d{5}\.(mp4|png|jpg)$")
@@ -669,10 +677,13 @@ def _media(
 
 
 def _write_split(
-    root: Path | None, split: str, count: int, rng: np.random.Generator, size: int, frames: int
+    root: Path | None, split: str, count: int, rng: np.random.Generator, size: int, frames: int,
+    rounds_rng: np.random.Generator | None = None, qa_rounds: int = 1,
 ) -> tuple[list[Scene], list[dict], list[dict]]:
     """Media for `count` scenes (none when `root` is None); returns (scenes, caption records,
-    QA records). Only train has captions."""
+    QA records). Only train has captions, and `qa_rounds` QA records per scene: round 0 drawn
+    with the scenes from `rng`, rounds 1.. after them from `rounds_rng` (ids `..._r1`, ...), so
+    the scenes, the captions and round 0 do not depend on the number of rounds."""
     tally = Tally()
     scenes, captions, qa = [], [], []
     for i in range(count):
@@ -685,12 +696,25 @@ def _write_split(
             captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
         qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
         scenes.append(scene)
+    records = [(r, {key: r[key] for key in ("video", "image") if key in r}) for r in qa]
+    for k in range(1, qa_rounds):
+        tally = Tally()
+        qa += [_qa_record(f"{r['id']}_r{k}", media, scene, tally, rounds_rng)
+               for scene, (r, media) in zip(scenes, records, strict=True)]
     return scenes, captions, qa
 
 
 def _split_rng(seed: int, split: str, num_train: int) -> np.random.Generator:
     # A random stream per split: the held-out sets do not depend on the train set.
     return np.random.default_rng([seed, list(_split_sizes(num_train)).index(split)])
+
+
+def _split(root: Path | None, split: str, *, seed: int, num_train: int, size: int, frames: int,
+           qa_rounds: int) -> tuple[list[Scene], list[dict], list[dict]]:
+    rounds = qa_rounds if split == "train" else 1
+    return _write_split(root, split, _split_sizes(num_train)[split],
+                        _split_rng(seed, split, num_train), size, frames,
+                        np.random.default_rng([seed, _ROUNDS_STREAM]), rounds)
 
 
 def draw_split(
@@ -700,6 +724,7 @@ def draw_split(
     num_train: int = NUM_TRAIN,
     size: int = SIZE,
     frames: int = NUM_FRAMES,
+    qa_rounds: int = QA_ROUNDS,
 ) -> tuple[list[Scene], list[dict], list[dict]]:
     """(scenes, caption records, QA records) of `split` ('train', 'val' or 'val_novel') exactly
     as `generate` with these arguments draws them, rendering and writing nothing: what a probe
@@ -708,7 +733,8 @@ def draw_split(
     sizes = _split_sizes(num_train)
     if split not in sizes:
         raise ValueError(f"unknown split {split!r}: train, val or val_novel")
-    return _write_split(None, split, sizes[split], _split_rng(seed, split, num_train), size, frames)
+    return _split(None, split, seed=seed, num_train=num_train, size=size, frames=frames,
+                  qa_rounds=qa_rounds)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -766,13 +792,15 @@ def generate(
     num_train: int = NUM_TRAIN,
     size: int = SIZE,
     frames: int = NUM_FRAMES,
+    qa_rounds: int = QA_ROUNDS,
     copy_from=None,
 ) -> dict[str, Path]:
     """Writes the synthetic dataset under `out_dir` and returns its paths (see `_paths`).
 
-    `num_train` is the number of stage-2 QA records and also of stage-1 captions: each train
-    scene (10% of them stills) gets one caption and one QA record. val and val_novel hold
-    max(80, num_train // 10) QA records each, every one on a scene of its own.
+    `num_train` is the number of train scenes (10% of them stills): each gets one stage-1
+    caption and `qa_rounds` stage-2 QA records, each asking other questions (see `QA_ROUNDS`).
+    val and val_novel hold max(80, num_train // 10) QA records each, every one on a scene of
+    its own.
     Idempotent: when `out_dir/meta.json` records the same arguments, nothing is written. When the
     folder `copy_from` holds a complete dataset of the same arguments (e.g. stage 1's, for stage
     2), its files are hard-linked (copied across file systems) instead of generated again: the
@@ -782,8 +810,8 @@ def generate(
         raise ValueError(
             f"need frames >= {MIN_FRAMES} and an even size >= {MIN_SIZE}, got {frames}, {size}"
         )
-    if num_train < 1:
-        raise ValueError("num_train must be positive")
+    if num_train < 1 or qa_rounds < 1:
+        raise ValueError(f"num_train and qa_rounds must be positive, got {num_train}, {qa_rounds}")
     codec = video_codec()
     args = {
         "version": VERSION,
@@ -791,6 +819,7 @@ def generate(
         "num_train": num_train,
         "size": size,
         "frames": frames,
+        "qa_rounds": qa_rounds,
         "codec": codec,
     }
     root = Path(out_dir)
@@ -812,9 +841,9 @@ def generate(
     check_decord_reads(size, frames)
 
     splits: dict[str, list[dict]] = {}
-    for split, count in _split_sizes(num_train).items():
-        rng = _split_rng(seed, split, num_train)
-        _, captions, qa = _write_split(root, split, count, rng, size, frames)
+    for split in _split_sizes(num_train):
+        _, captions, qa = _split(root, split, seed=seed, num_train=num_train, size=size,
+                                 frames=frames, qa_rounds=qa_rounds)
         if split == "train":
             splits["stage1"], splits["stage2"] = captions, qa
         else:
@@ -822,10 +851,12 @@ def generate(
     for name, records in splits.items():
         _write_json(paths[name], records)
 
-    texts = [_v1_conversation(r) for r in splits["stage1"] + splits["stage2"]]
+    # The tokenizer learns from the captions and the first QA round: later rounds ask the same
+    # templates, and one tokenizer for any number of rounds keeps stage 1 the same run.
+    first_round = splits["stage2"][: len(splits["stage1"])]
+    texts = [_v1_conversation(r) for r in splits["stage1"] + first_round]
     texts += [
-        _inference_prompt(r["conversations"][0]["value"].split("\n", 1)[1])
-        for r in splits["stage2"]
+        _inference_prompt(r["conversations"][0]["value"].split("\n", 1)[1]) for r in first_round
     ]
     train_tokenizer(texts, paths["tokenizer"])
 
@@ -853,13 +884,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--num-train", type=int, default=NUM_TRAIN, help="stage-2 QA records (and stage-1 captions)"
+        "--num-train", type=int, default=NUM_TRAIN, help="train scenes (one stage-1 caption each)"
+    )
+    parser.add_argument(
+        "--qa-rounds", type=int, default=QA_ROUNDS, help="stage-2 QA records per train scene"
     )
     parser.add_argument("--size", type=int, default=SIZE, help="frame side in pixels")
     parser.add_argument("--frames", type=int, default=NUM_FRAMES, help="frames per video")
     args = parser.parse_args(argv)
     paths = generate(
-        args.out, seed=args.seed, num_train=args.num_train, size=args.size, frames=args.frames
+        args.out, seed=args.seed, num_train=args.num_train, size=args.size, frames=args.frames,
+        qa_rounds=args.qa_rounds
     )
     splits = json.loads(paths["meta"].read_text())["splits"]
     for name, summary in splits.items():
