@@ -677,16 +677,18 @@ def _media(
 
 
 def _write_split(
-    root: Path | None, split: str, count: int, rng: np.random.Generator, size: int, frames: int,
-    rounds_rng: np.random.Generator | None = None, qa_rounds: int = 1,
+    root: Path | None, split: str, *, seed: int, num_train: int, size: int, frames: int,
+    qa_rounds: int,
 ) -> tuple[list[Scene], list[dict], list[dict]]:
-    """Media for `count` scenes (none when `root` is None); returns (scenes, caption records,
+    """Media for the split's scenes (none when `root` is None); returns (scenes, caption records,
     QA records). Only train has captions, and `qa_rounds` QA records per scene: round 0 drawn
-    with the scenes from `rng`, rounds 1.. after them from `rounds_rng` (ids `..._r1`, ...), so
-    the scenes, the captions and round 0 do not depend on the number of rounds."""
+    with the scenes from the split's stream, rounds 1.. after them from a stream of their own
+    (ids `..._r1`, ...), so the scenes, the captions and round 0 do not depend on the number of
+    rounds. Held-out splits have one round."""
+    rng = _split_rng(seed, split, num_train)
     tally = Tally()
-    scenes, captions, qa = [], [], []
-    for i in range(count):
+    scenes, captions, qa, medias = [], [], [], []
+    for i in range(_split_sizes(num_train)[split]):
         is_video = rng.random() >= IMAGE_SHARE
         scene = sample_scene(
             rng, size=size, frames=frames, is_video=is_video, novel=split == "val_novel"
@@ -696,25 +698,18 @@ def _write_split(
             captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
         qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
         scenes.append(scene)
-    records = [(r, {key: r[key] for key in ("video", "image") if key in r}) for r in qa]
-    for k in range(1, qa_rounds):
+        medias.append(media)
+    rounds_rng = np.random.default_rng([seed, _ROUNDS_STREAM])
+    for k in range(1, qa_rounds if split == "train" else 1):
         tally = Tally()
-        qa += [_qa_record(f"{r['id']}_r{k}", media, scene, tally, rounds_rng)
-               for scene, (r, media) in zip(scenes, records, strict=True)]
+        qa += [_qa_record(f"{split}_qa_{i:05d}_r{k}", media, scene, tally, rounds_rng)
+               for i, (scene, media) in enumerate(zip(scenes, medias, strict=True))]
     return scenes, captions, qa
 
 
 def _split_rng(seed: int, split: str, num_train: int) -> np.random.Generator:
     # A random stream per split: the held-out sets do not depend on the train set.
     return np.random.default_rng([seed, list(_split_sizes(num_train)).index(split)])
-
-
-def _split(root: Path | None, split: str, *, seed: int, num_train: int, size: int, frames: int,
-           qa_rounds: int) -> tuple[list[Scene], list[dict], list[dict]]:
-    rounds = qa_rounds if split == "train" else 1
-    return _write_split(root, split, _split_sizes(num_train)[split],
-                        _split_rng(seed, split, num_train), size, frames,
-                        np.random.default_rng([seed, _ROUNDS_STREAM]), rounds)
 
 
 def draw_split(
@@ -730,10 +725,9 @@ def draw_split(
     as `generate` with these arguments draws them, rendering and writing nothing: what a probe
     of a trained model needs to ask its own questions about the dataset's clips
     (`bench/demo_probe.py`)."""
-    sizes = _split_sizes(num_train)
-    if split not in sizes:
+    if split not in _split_sizes(num_train):
         raise ValueError(f"unknown split {split!r}: train, val or val_novel")
-    return _split(None, split, seed=seed, num_train=num_train, size=size, frames=frames,
+    return _write_split(None, split, seed=seed, num_train=num_train, size=size, frames=frames,
                   qa_rounds=qa_rounds)
 
 
@@ -842,7 +836,7 @@ def generate(
 
     splits: dict[str, list[dict]] = {}
     for split in _split_sizes(num_train):
-        _, captions, qa = _split(root, split, seed=seed, num_train=num_train, size=size,
+        _, captions, qa = _write_split(root, split, seed=seed, num_train=num_train, size=size,
                                  frames=frames, qa_rounds=qa_rounds)
         if split == "train":
             splits["stage1"], splits["stage2"] = captions, qa
