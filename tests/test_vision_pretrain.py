@@ -82,6 +82,23 @@ def test_patch_shapes_label_each_patch_with_the_shape_covering_it():
             expected[t][covered] = 1 + synthetic.SHAPES.index(sprite.shape)
     np.testing.assert_array_equal(labels, expected)
     assert (labels[0] == 1).sum() == 2 and not (labels[:2] == 2).any() and (labels[2:] == 2).any()
+    # Colour labels need no caption: the green circle's patch has its colour and no shape.
+    colours = vision_pretrain.patch_colours(vision_pretrain.palette_ids(frames), 16)
+    expected = np.zeros((4, 4, 4), np.int32)
+    for t in range(4):
+        for sprite in (square, circle, untagged):
+            if t < sprite.appear:
+                continue
+            canvas = np.zeros((64, 64), bool)
+            x, y = sprite.corner(t)
+            canvas[y:y + sprite.size, x:x + sprite.size] = synthetic._shape_mask(sprite.shape,
+                                                                                sprite.size)
+            covered = canvas.reshape(4, 16, 4, 16).sum((1, 3)) * 4 >= 256
+            assert not expected[t][covered].any()  # the sprites share no patch
+            expected[t][covered] = 1 + list(synthetic.COLOURS).index(sprite.colour)
+    np.testing.assert_array_equal(colours, expected)
+    green = 1 + list(synthetic.COLOURS).index("green")
+    assert colours[0, 0, 0] == green and labels[0, 0, 0] == 0
 
 
 def tiny_model(seed: int = 0) -> Valley:
@@ -135,6 +152,20 @@ def test_pretraining_learns_the_tags_and_moves_only_the_vit():
     assert result["mean_patch_centre_error"] < 0.6 * guess < untrained["mean_patch_centre_error"]
     # Each patch a block covers a quarter of says which shape it is part of (2 shapes here).
     assert untrained["patch_shape_right"] < 0.5 and result["patch_shape_right"] >= 0.85
+
+    assert "patch_colour_right" not in result  # no colour head unless asked for
+
+
+def test_pretraining_can_teach_each_patch_its_colour():
+    frames, tags = block_frames(400, seed=1)
+    labels = (tags, *vision_pretrain.colour_layout(frames))
+    untrained = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=0, lr=3e-3,
+                                         patch_colour_weight=0.3)
+    result = vision_pretrain.pretrain(tiny_model(), frames, *labels, steps=300, batch_size=32,
+                                      lr=3e-3, patch_colour_weight=0.3)
+    # Of the held-out patches a block covers a quarter of, the share whose colour (1 of 6) is
+    # read right off the patch token.
+    assert untrained["patch_colour_right"] < 0.4 and result["patch_colour_right"] >= 0.95
 
 
 def test_trainer_pretrains_the_vit_once_into_workdir_init(tmp_path):

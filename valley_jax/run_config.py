@@ -66,6 +66,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
         vision_pretrain_steps=0,
         vision_pretrain_lr=2e-3,  # peak; AdamW, warm-up then cosine, batches of 64 frames
         vision_pretrain_data="{data}/stage1.json",  # media paths relative to its folder
+        # Also teach each patch token which palette colour covers it, at this weight of the loss
+        # (0: not taught; vision_pretrain.patch_colours).
+        vision_pretrain_colour_weight=0.0,
     ))
 
     # Demo evaluation: answer accuracy per question type by greedy generation on these splits

@@ -141,7 +141,8 @@ def _pretrain_vision_init(config, data: str, path: str) -> None:
              config.init.vision_pretrain_steps)
     result = vision_pretrain.pretrain(model, frames, *labels,
                                       steps=config.init.vision_pretrain_steps,
-                                      lr=config.init.vision_pretrain_lr, seed=config.seed)
+                                      lr=config.init.vision_pretrain_lr, seed=config.seed,
+                                      patch_colour_weight=config.init.vision_pretrain_colour_weight)
     log.info("vision pretraining done: held-out %s", result)
     # Written by this process alone, as the converters write theirs (save_model is collective).
     model_ckpt.save_state(path, cfg, hf.get_flat(model), tokenizer=tok_path)

@@ -124,22 +124,49 @@ def colour_layout(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return present.astype(np.float32), centres.astype(np.float32)
 
 
+def _patch_colours(ids: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The palette colour with most pixels in each patch ([N, H/patch, W/patch]) of frames'
+    palette colours (`palette_ids`: [N, H, W]; the first such colour on a tie), and whether it
+    covers a quarter of the patch."""
+    n, h, w = ids.shape
+    gh, gw = h // patch, w // patch
+    colour = ids[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
+    bins = 1 + len(synthetic.COLOURS)  # -1 (none) and the palette's colours
+    # One count of (patch, colour) pairs: ~3x faster than a pass per colour, and a step of the
+    # pretraining labels its batch's patches while the previous step runs.
+    cell = np.arange(n * gh * gw, dtype=np.int32).reshape(n, gh, 1, gw, 1) * bins
+    counts = np.bincount((cell + (colour + 1)).ravel(), minlength=n * gh * gw * bins)
+    counts = counts.reshape(n, gh, gw, bins)[..., 1:]
+    dominant = counts.argmax(-1)
+    covered = np.take_along_axis(counts, dominant[..., None], -1)[..., 0] * 4 >= patch * patch
+    return dominant, covered
+
+
+def _shape_labels(dominant: np.ndarray, covered: np.ndarray, tags: np.ndarray) -> np.ndarray:
+    n = len(dominant)
+    pairs = tags.reshape(n, len(synthetic.COLOURS), len(synthetic.SHAPES))
+    shape_of = np.where(pairs.any(-1), pairs.argmax(-1) + 1, 0)  # [N, 6]; 0: not tagged
+    label = np.take_along_axis(shape_of, dominant.reshape(n, -1), 1).reshape(dominant.shape)
+    return np.where(covered, label, 0).astype(np.int32)
+
+
 def patch_shapes(ids: np.ndarray, tags: np.ndarray, patch: int) -> np.ndarray:
     """int32 [N, H/patch, W/patch]: which shape each patch of frames is part of, 1 + its index
     in `synthetic.SHAPES`, from the frames' palette colours (`palette_ids`: [N, H, W]) and tags
     [N, 18] (the caption names each colour's shape); 0 where no tagged colour covers a quarter
     of the patch."""
-    n, h, w = ids.shape
-    gh, gw = h // patch, w // patch
-    colour = ids[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
-    colours = len(synthetic.COLOURS)
-    counts = np.stack([(colour == c).sum((2, 4)) for c in range(colours)], -1)  # [N, gh, gw, 6]
-    pairs = tags.reshape(n, colours, len(synthetic.SHAPES))
-    shape_of = np.where(pairs.any(-1), pairs.argmax(-1) + 1, 0)  # [N, 6]; 0: not tagged
-    dominant = counts.argmax(-1)
-    covered = np.take_along_axis(counts, dominant[..., None], -1)[..., 0] * 4 >= patch * patch
-    label = np.take_along_axis(shape_of, dominant.reshape(n, -1), 1).reshape(n, gh, gw)
-    return np.where(covered, label, 0).astype(np.int32)
+    return _shape_labels(*_patch_colours(ids, patch), tags)
+
+
+def _colour_labels(dominant: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    return np.where(covered, dominant + 1, 0).astype(np.int32)
+
+
+def patch_colours(ids: np.ndarray, patch: int) -> np.ndarray:
+    """int32 [N, H/patch, W/patch]: the palette colour that covers a quarter of each patch of
+    frames (`palette_ids`: [N, H, W]), 1 + its index in `synthetic.COLOURS`; 0 where none
+    does."""
+    return _colour_labels(*_patch_colours(ids, patch))
 
 
 def frame_tags(tags: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -204,9 +231,9 @@ def _read_image(path: str, size: int) -> np.ndarray:
 class Tagger(nnx.Module):
     """The Valley model's ViT (shared, not copied) and linear heads: on its pooled patch tokens
     (tags), on its class token and on the mean of its patch tokens (each: presence and centre of
-    each colour), and on each patch token (its shape)."""
+    each colour), and on each patch token (its shape and, with `patch_colours`, its colour)."""
 
-    def __init__(self, model, *, rngs: nnx.Rngs):
+    def __init__(self, model, *, rngs: nnx.Rngs, patch_colours: bool = False):
         width, colours = model.cfg.vision.width, len(synthetic.COLOURS)
         self.vision = model.vision
         self.normalize = model.normalize
@@ -214,11 +241,15 @@ class Tagger(nnx.Module):
         self.cls_head = nnx.Linear(width, 3 * colours, rngs=rngs)
         self.patch_head = nnx.Linear(width, 1 + len(synthetic.SHAPES), rngs=rngs)
         self.mean_head = nnx.Linear(width, 3 * colours, rngs=rngs)
+        # Made only when asked for, so that the other heads' initial values and the step's
+        # arithmetic stay those the demo's figures were measured with.
+        self.colour_head = nnx.Linear(width, 1 + colours, rngs=rngs) if patch_colours else None
 
     def __call__(self, images):
         """Logits of the tags [B, 18] (from the patches); the layout from the class token and
         from the mean patch token, each as logits of presence [B, 6] and centres [B, 6, 2]; and
-        logits of each patch's shape [B, N, 4] (0: none)."""
+        logits of each patch's shape [B, N, 4] (0: none); with a colour head, last, logits of
+        each patch's colour [B, N, 7] (0: none)."""
         tokens = self.vision.encode(self.normalize(self.vision.patchify(images)))
         tokens = tokens.astype(jnp.float32)
         patches = tokens[:, 1:]
@@ -230,14 +261,16 @@ class Tagger(nnx.Module):
 
         # The mean is written twice on purpose: XLA fuses each into its consumer, and one shared
         # mean rounds the step differently from the one the demo's figures were measured with.
-        return (pooled, layout(self.cls_head(tokens[:, 0])),
-                layout(self.mean_head(patches.mean(1))), self.patch_head(patches))
+        out = (pooled, layout(self.cls_head(tokens[:, 0])),
+               layout(self.mean_head(patches.mean(1))), self.patch_head(patches))
+        return out if self.colour_head is None else (*out, self.colour_head(patches))
 
 
 def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
              centres: np.ndarray, record_of: np.ndarray | None = None, *, steps: int,
              lr: float, batch_size: int = 64, seed: int = 0, log_every: int = 250,
-             layout_weight: float = LAYOUT_WEIGHT, patch_weight: float = PATCH_WEIGHT) -> dict:
+             layout_weight: float = LAYOUT_WEIGHT, patch_weight: float = PATCH_WEIGHT,
+             patch_colour_weight: float = 0.0) -> dict:
     """Trains `model.vision` in place on `frames` (random crops of `image_size` from the larger
     frames; AdamW at peak `lr`, warm-up then cosine; the trainer passes
     `config.init.vision_pretrain_lr`). The frames of the last tenth of the records are held out
@@ -248,7 +281,9 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     colour's predicted centre from its true one, as a share of the frame's side); the same from
     the mean patch token (mean_patch_presence_right, mean_patch_centre_error); and
     patch_shape_right (of the patches a tagged colour covers a quarter of, the share whose shape
-    is right)."""
+    is right) and, when `patch_colour_weight` teaches each patch token its colour too
+    (`patch_colours`, softmax cross-entropy), patch_colour_right (of the patches a palette colour
+    covers a quarter of, the share whose colour is right)."""
     size = model.cfg.vision.image_size
     if frames.shape[1] < size:
         raise ValueError(f"frames of {frames.shape[1]} px cannot be cropped to {size}")
@@ -259,7 +294,8 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     held = np.isin(record_of, held_records)
     train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
     margin = frames.shape[1] - size
-    tagger = Tagger(model, rngs=nnx.Rngs(seed))
+    with_colours = patch_colour_weight > 0
+    tagger = Tagger(model, rngs=nnx.Rngs(seed), patch_colours=with_colours)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 30), max(2, steps))
     optimizer = nnx.Optimizer(tagger, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
 
@@ -269,18 +305,21 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
         return np.where(present[..., None] > 0, pixels / size * 2 - 1, 0).astype(np.float32)
 
     @nnx.jit
-    def train_step(tagger, optimizer, images, tags, present, centres, shapes):
+    def train_step(tagger, optimizer, images, tags, present, centres, shapes, colours):
         def loss_fn(tagger):
-            pooled, (presence, where), (mean_presence, mean_where), patch_logits = tagger(
-                images)
+            pooled, (presence, where), (mean_presence, mean_where), patch_logits, *colour_logits = (
+                tagger(images))
             bce = optax.sigmoid_binary_cross_entropy
             # The layout's terms of both readouts, the class token's and the mean patch token's.
             error = ((where - centres) ** 2).sum(-1) + ((mean_where - centres) ** 2).sum(-1)
             layout = (error * present).sum() / jnp.maximum(present.sum(), 1)
             layout = layout + bce(mean_presence, present).mean()
-            patch = optax.softmax_cross_entropy_with_integer_labels(patch_logits, shapes).mean()
-            return (bce(pooled, tags).mean() + patch_weight * patch
+            xent = optax.softmax_cross_entropy_with_integer_labels
+            loss = (bce(pooled, tags).mean() + patch_weight * xent(patch_logits, shapes).mean()
                     + layout_weight * (bce(presence, present).mean() + layout))
+            if with_colours:
+                loss = loss + patch_colour_weight * xent(colour_logits[0], colours).mean()
+            return loss
 
         loss, grads = nnx.value_and_grad(loss_fn)(tagger)
         optimizer.update(tagger, grads)
@@ -292,12 +331,13 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     ids = palette_ids(frames)  # once: the lookup is most of a step's labelling time
     held_shapes = patch_shapes(ids[held_rows, offset:offset + size, offset:offset + size],
                                tags[held_rows], patch)
+    held_colours = patch_colours(ids[held_rows, offset:offset + size, offset:offset + size], patch)
 
     def held_out() -> dict:
         outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
                                        offset:offset + size]) for i in range(0, len(held_rows), 256)]
-        pooled, presence, where, mean_presence, mean_where, patch_logits = (
-            np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(6))
+        pooled, presence, where, mean_presence, mean_where, patch_logits, *colour_logits = (
+            np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
         truth, on = tags[held_rows] > 0, present[held_rows]
         shapes = held_shapes.reshape(len(held_rows), -1)
         on_shape = shapes > 0
@@ -311,7 +351,7 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
             distance = np.sqrt(((where - true_centres) ** 2).sum(-1)) / 2  # share of the side
             return float((distance * on).sum() / max(on.sum(), 1))
 
-        return {"tag_accuracy": float(right.mean()),
+        result = {"tag_accuracy": float(right.mean()),
                 "all_tags_right": float(right.all(1).mean()),
                 "presence_right": presence_right(presence),
                 "centre_error": centre_error(where),
@@ -319,16 +359,24 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
                 "mean_patch_centre_error": centre_error(mean_where),
                 "patch_shape_right": float(
                     (patch_logits.argmax(-1) == shapes)[on_shape].mean())}
+        if with_colours:
+            colours = held_colours.reshape(len(held_rows), -1)
+            result["patch_colour_right"] = float(
+                (colour_logits[0].argmax(-1) == colours)[colours > 0].mean())
+        return result
 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         rows = train_rows[rng.integers(0, len(train_rows), batch_size)]
         y, x = rng.integers(0, margin + 1, 2)
-        shapes = patch_shapes(ids[rows, y:y + size, x:x + size], tags[rows], patch)
+        dominant, covered = _patch_colours(ids[rows, y:y + size, x:x + size], patch)
+        shapes = _shape_labels(dominant, covered, tags[rows]).reshape(len(rows), -1)
+        colours = (_colour_labels(dominant, covered).reshape(len(rows), -1) if with_colours
+                   else None)
         loss = train_step(tagger, optimizer, frames[rows, y:y + size, x:x + size], tags[rows],
                           present[rows], crop_centres(centres[rows], present[rows], x, y),
-                          shapes.reshape(len(rows), -1))
+                          shapes, colours)
         if step % log_every == 0 or step == steps:
             log.info("vision pretraining step %d/%d loss %.4f held-out %s (%.0f s)", step, steps,
                      float(loss), held_out(), time.perf_counter() - start)
