@@ -22,13 +22,17 @@ through the features Valley uses (the selected layer's tokens):
   BENCHMARKS.md, "CPU demo", session 17);
 - patch shapes, from both (`patch_shapes`): for each patch token, the shape of the tagged colour
   that covers a quarter of it, if any, so that a question naming a colour can find that colour's
-  patches and read its shape (and which way and when it moves) off them.
+  patches and read its shape (and which way and when it moves) off them;
+- patch colours, from the pixels (`patch_colours`, when `patch_colour_weight` is set; the demo
+  sets `config.init.vision_pretrain_colour_weight`): for each patch token, the palette colour
+  that covers a quarter of it, so that a question naming a shape can find that shape's patches
+  and read their colour off them (BENCHMARKS.md, "CPU demo", session 20).
 
 Sigmoid cross-entropy for tags and presence, squared error for the centres of the colours present
 (the layout terms, of both readouts, weighted by LAYOUT_WEIGHT), softmax cross-entropy for the
-patch shapes (weighted by PATCH_WEIGHT); linear heads that are then thrown away. The held-out
-tenth of the clips is scored to show what the tower learned. The result is saved as the run's
-initial checkpoint (`WORKDIR/init`), so a resumed run does not pretrain again.
+patch shapes (weighted by PATCH_WEIGHT) and colours; linear heads that are then thrown away. The
+held-out tenth of the clips is scored to show what the tower learned. The result is saved as the
+run's initial checkpoint (`WORKDIR/init`), so a resumed run does not pretrain again.
 """
 
 from __future__ import annotations
