@@ -54,6 +54,17 @@ def test_colour_layout_finds_each_colour_where_it_is_drawn():
     assert tags_named(vision_pretrain.frame_tags(tags, present[3])) == ["red square", "blue circle"]
 
 
+def quarter_covered(sprite: synthetic.Sprite, t: int) -> np.ndarray:
+    """bool [4, 4]: the 16-px patches of a 64-px frame t that the sprite's own mask covers a
+    quarter of (none before it appears)."""
+    canvas = np.zeros((64, 64), bool)
+    if t >= sprite.appear:
+        x, y = sprite.corner(t)
+        canvas[y:y + sprite.size, x:x + sprite.size] = synthetic._shape_mask(sprite.shape,
+                                                                            sprite.size)
+    return canvas.reshape(4, 16, 4, 16).sum((1, 3)) * 4 >= 256
+
+
 def test_patch_shapes_label_each_patch_with_the_shape_covering_it():
     # 64 px in 16-px patches; a red square, a blue circle from frame 2 and a green circle the
     # caption does not name (so no label can be given it).
@@ -66,34 +77,22 @@ def test_patch_shapes_label_each_patch_with_the_shape_covering_it():
     present, _ = vision_pretrain.colour_layout(frames)
     caption = vision_pretrain.caption_tags("a red square moves right, then a blue circle moves up")
     tags = np.stack([vision_pretrain.frame_tags(caption, p) for p in present])
-    labels = vision_pretrain.patch_shapes(vision_pretrain.palette_ids(frames), tags, 16)
+    ids = vision_pretrain.palette_ids(frames)
+    labels = vision_pretrain.patch_shapes(ids, tags, 16)
     # Expected from the sprites' own masks: a patch takes a named sprite's shape where that
     # sprite covers at least a quarter of it.
     expected = np.zeros((4, 4, 4), np.int32)
     for t in range(4):
         for sprite in (square, circle):
-            if t < sprite.appear:
-                continue
-            canvas = np.zeros((64, 64), bool)
-            x, y = sprite.corner(t)
-            canvas[y:y + sprite.size, x:x + sprite.size] = synthetic._shape_mask(sprite.shape,
-                                                                                sprite.size)
-            covered = canvas.reshape(4, 16, 4, 16).sum((1, 3)) * 4 >= 256
-            expected[t][covered] = 1 + synthetic.SHAPES.index(sprite.shape)
+            expected[t][quarter_covered(sprite, t)] = 1 + synthetic.SHAPES.index(sprite.shape)
     np.testing.assert_array_equal(labels, expected)
     assert (labels[0] == 1).sum() == 2 and not (labels[:2] == 2).any() and (labels[2:] == 2).any()
     # Colour labels need no caption: the green circle's patch has its colour and no shape.
-    colours = vision_pretrain.patch_colours(vision_pretrain.palette_ids(frames), 16)
+    colours = vision_pretrain.patch_colours(ids, 16)
     expected = np.zeros((4, 4, 4), np.int32)
     for t in range(4):
         for sprite in (square, circle, untagged):
-            if t < sprite.appear:
-                continue
-            canvas = np.zeros((64, 64), bool)
-            x, y = sprite.corner(t)
-            canvas[y:y + sprite.size, x:x + sprite.size] = synthetic._shape_mask(sprite.shape,
-                                                                                sprite.size)
-            covered = canvas.reshape(4, 16, 4, 16).sum((1, 3)) * 4 >= 256
+            covered = quarter_covered(sprite, t)
             assert not expected[t][covered].any()  # the sprites share no patch
             expected[t][covered] = 1 + list(synthetic.COLOURS).index(sprite.colour)
     np.testing.assert_array_equal(colours, expected)

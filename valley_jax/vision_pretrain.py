@@ -136,8 +136,7 @@ def _patch_colours(ids: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]
     gh, gw = h // patch, w // patch
     colour = ids[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch)
     bins = 1 + len(synthetic.COLOURS)  # -1 (none) and the palette's colours
-    # One count of (patch, colour) pairs: ~3x faster than a pass per colour, and a step of the
-    # pretraining labels its batch's patches while the previous step runs.
+    # One count of (patch, colour) pairs rather than a pass over the pixels per colour.
     cell = np.arange(n * gh * gw, dtype=np.int32).reshape(n, gh, 1, gw, 1) * bins
     counts = np.bincount((cell + (colour + 1)).ravel(), minlength=n * gh * gw * bins)
     counts = counts.reshape(n, gh, gw, bins)[..., 1:]
@@ -333,9 +332,10 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     offset = margin // 2
     patch = model.cfg.vision.patch_size
     ids = palette_ids(frames)  # once: the lookup is most of a step's labelling time
-    held_shapes = patch_shapes(ids[held_rows, offset:offset + size, offset:offset + size],
-                               tags[held_rows], patch)
-    held_colours = patch_colours(ids[held_rows, offset:offset + size, offset:offset + size], patch)
+    held_dominant, held_covered = _patch_colours(
+        ids[held_rows, offset:offset + size, offset:offset + size], patch)
+    held_shapes = _shape_labels(held_dominant, held_covered, tags[held_rows])
+    held_colours = _colour_labels(held_dominant, held_covered)
 
     def held_out() -> dict:
         outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
@@ -356,13 +356,13 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
             return float((distance * on).sum() / max(on.sum(), 1))
 
         result = {"tag_accuracy": float(right.mean()),
-                "all_tags_right": float(right.all(1).mean()),
-                "presence_right": presence_right(presence),
-                "centre_error": centre_error(where),
-                "mean_patch_presence_right": presence_right(mean_presence),
-                "mean_patch_centre_error": centre_error(mean_where),
-                "patch_shape_right": float(
-                    (patch_logits.argmax(-1) == shapes)[on_shape].mean())}
+                  "all_tags_right": float(right.all(1).mean()),
+                  "presence_right": presence_right(presence),
+                  "centre_error": centre_error(where),
+                  "mean_patch_presence_right": presence_right(mean_presence),
+                  "mean_patch_centre_error": centre_error(mean_where),
+                  "patch_shape_right": float(
+                      (patch_logits.argmax(-1) == shapes)[on_shape].mean())}
         if with_colours:
             colours = held_colours.reshape(len(held_rows), -1)
             result["patch_colour_right"] = float(
