@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -18,13 +19,17 @@ from test_data_fixtures import (  # noqa: F401 (tokenizer_dir is a fixture)
     conversation,
     data_config,
     make_mixed_dataset,
+    make_video,
     tokenizer_dir,
     write_json,
 )
 from valley_jax import tokens
 from valley_jax.data.config import DataConfig, DatasetSpec
+from valley_jax.data import frames as frames_lib
+from valley_jax.data import transforms
 from valley_jax.data.pipeline import Loader, to_global
-from valley_jax.data.text import load_tokenizer
+from valley_jax.data.records import read_records
+from valley_jax.data.text import TextEncoder, load_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACT = {
@@ -129,6 +134,70 @@ def test_random_crop_moves_only_video_frames_and_repeats_with_the_seed(mixed_spe
     assert len(by_record) == 6 and moved >= 10  # 12 video examples; a draw may land centred
     # Each epoch draws its own crop.
     assert sum(not np.array_equal(*crops) for crops in by_record.values()) >= 5
+
+
+def test_frame_cache_delivers_the_same_batches(mixed_spec, tokenizer_dir):  # noqa: F811
+    plain = data_config(tokenizer_dir, [mixed_spec], batch_size=3, num_epochs=3, num_workers=2)
+    cached = dataclasses.replace(plain, frame_cache_mb=16)
+    a, b = take_all(plain), take_all(cached)
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name])
+
+
+def test_frame_cache_decodes_a_video_once_and_a_replaced_one_again(tmp_path, tokenizer_dir, monkeypatch):  # noqa: F811
+    spec = make_mixed_dataset(str(tmp_path))
+    config = data_config(tokenizer_dir, [spec], frame_cache_mb=16)
+    encoder = TextEncoder(load_tokenizer(tokenizer_dir), config.max_length, config.num_patches)
+    source = read_records(spec.path)
+    opened = []
+    real_video_file = frames_lib.VideoFile
+
+    def counting_video_file(path):
+        opened.append(os.path.basename(path))
+        return real_video_file(path)
+
+    monkeypatch.setattr(frames_lib, "VideoFile", counting_video_file)
+    to_example = transforms.JsonRecordToExample(config, spec, encoder)
+    uncached = transforms.JsonRecordToExample(dataclasses.replace(config, frame_cache_mb=0), spec, encoder)
+    rng = np.random.default_rng(0)
+
+    def frames_of(transform, i):
+        return transform.random_map(source[i], rng)["frames"]
+
+    first = [frames_of(to_example, i) for i in range(6)]  # the six videos
+    assert len(opened) == 6 and to_example.frame_cache.misses == 6
+    again = [frames_of(to_example, i) for i in range(6)]
+    assert len(opened) == 6 and to_example.frame_cache.hits == 6
+    for x, y in zip(first, again):
+        np.testing.assert_array_equal(x, y)
+    # A file replaced during the run (another size or time) is decoded anew.
+    make_video(os.path.join(str(tmp_path), "videos", "v1.mp4"), num_frames=2, width=80)
+    replaced = frames_of(to_example, 1)
+    assert opened[6:] == ["v1.mp4"]
+    assert not np.array_equal(replaced, first[1])
+    np.testing.assert_array_equal(replaced, frames_of(uncached, 1))
+    # Pickled into a worker, a transform starts with an empty cache of its own.
+    copy = pickle.loads(pickle.dumps(to_example))
+    assert copy.frame_cache.hits == copy.frame_cache.misses == copy.frame_cache.bytes == 0
+    # No cache with random crops, which differ at every epoch.
+    assert transforms.JsonRecordToExample(dataclasses.replace(config, random_crop=True), spec,
+                                          encoder).frame_cache is None
+
+
+def test_frame_cache_keeps_the_most_recently_used_within_its_bytes():
+    cache = frames_lib.FrameCache(max_bytes=2 * 1000)
+    one = np.zeros(1000, np.uint8)
+    for key in "abc":
+        cache.put(key, one)
+        cache.get("a")  # a stays recent
+    assert cache.bytes == 2000
+    assert cache.get("a") is not None and cache.get("c") is not None and cache.get("b") is None
+    cache.put("big", np.zeros(2001, np.uint8))  # larger than the whole cache: not kept
+    assert cache.get("big") is None and cache.bytes == 2000
+    with pytest.raises(ValueError):
+        cache.get("a")[0] = 1  # read-only: a caller cannot change what later epochs get
 
 
 def test_processes_read_disjoint_shards(mixed_spec, tokenizer_dir):  # noqa: F811

@@ -16,7 +16,7 @@ from valley_jax import hf
 from valley_jax.config import ValleyConfig, from_dict, preset, to_dict
 from valley_jax.layers import Policy, attention
 from valley_jax.temporal import make_temporal
-from valley_jax.valley import Valley
+from valley_jax.valley import Valley, fresh_variables
 
 
 def max_abs(a, b):
@@ -219,6 +219,21 @@ def test_fresh_weights_follow_init_std():
     old = to_dict(cfg)
     del old["vision"]["init_std"], old["llm"]["init_std"]
     assert from_dict(old).llm.init_std == 0.02
+
+
+def test_fresh_variables_are_the_eager_models_values():
+    """The variables a checkpoint lacks are initialised alone (one compiled program), with the
+    values the whole model made eagerly gives them."""
+    _, _, cfg = build_pair("transformer", seed=2)
+    eager = hf.get_flat(Valley(cfg, rngs=nnx.Rngs(7)))
+    paths = sorted(p for p in eager if p[0] == "temporal") + [("llm", "lm_head", "kernel")]
+    fresh = fresh_variables(cfg, Policy(), 7, paths)
+    assert list(fresh) == paths and len(paths) > 10
+    for p in paths:
+        assert fresh[p].shape == eager[p].shape
+        np.testing.assert_allclose(fresh[p], eager[p], rtol=0, atol=1e-6)
+    assert not np.allclose(fresh_variables(cfg, Policy(), 8, paths[-1:])[paths[-1]], eager[paths[-1]])
+    assert fresh_variables(cfg, Policy(), 7, []) == {}
 
 
 @pytest.mark.parametrize("mask_rows", [None, 1, 6])

@@ -53,7 +53,7 @@ def make_batch(cfg, seed, batch=8, seq=48, frames=4):
 
 
 def run(cfg, mesh_shape, *, stage="finetune", micro_batches=1, steps=3, batches=None,
-        lr=1e-3, dropout_rng=True):
+        lr=1e-3, dropout_rng=True, max_learned=0):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
     model = Valley(cfg, rngs=nnx.Rngs(0))
@@ -63,7 +63,7 @@ def run(cfg, mesh_shape, *, stage="finetune", micro_batches=1, steps=3, batches=
     tx, schedule = optim.make_optimizer(lr=lr, total_steps=10, warmup_steps=1, b2=0.95,
                                         weight_decay=0.1)
     fn = step_lib.make_step(graphdef, trainable, tx, schedule, micro_batches=micro_batches,
-                            mesh=mesh)
+                            max_learned=max_learned, mesh=mesh)
     state = step_lib.init_state(params, trainable, tx)
     state_sh = step_lib.tree_shardings(state, axes, mesh)
     state = jax.device_put(state, state_sh)
@@ -180,6 +180,63 @@ def test_accumulating_micro_batches_equals_one_large_batch(k):
     acc, p_acc, *_ = run(cfg, (2, 2, 1), batches=batches, micro_batches=k, dropout_rng=False)
     assert np.allclose(one, acc, atol=1e-5, rtol=0)
     assert max_param_diff(p_one, p_acc) < 1e-5
+
+
+def _loss_case(seed=0, b=4, s=40, h=16, v=50):
+    r = np.random.default_rng(seed)
+    hidden = jnp.asarray(r.normal(size=(b, s, h)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(h, v)), jnp.float32)
+    labels = np.full((b, s), -100, np.int32)
+    for row, n in enumerate([9, 0, 4, 13][:b]):  # rows learn 9, 0, 4 and 13 tokens
+        start = int(r.integers(1, s - n))
+        labels[row, start:start + n] = r.integers(0, v, n)
+    return hidden, w, jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("max_learned", [0, 13, 14, 40, 12, 5])
+def test_learned_token_loss_equals_full_logits_loss(max_learned):
+    """The lm_head on the learned positions alone gives the full-logits loss and gradients, also
+    when a row has more learned tokens than max_learned (13 fits the longest row; 12 and 5 do
+    not and fall back)."""
+    hidden, w, labels = _loss_case()
+
+    def full(hidden, w):
+        return step_lib.cross_entropy(hidden @ w, labels)
+
+    def learned(hidden, w):
+        return step_lib.learned_token_loss(hidden, lambda x: x @ w, labels, max_learned)
+
+    (ref, n_ref), g_ref = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, w)
+    (got, n_got), g_got = jax.jit(jax.value_and_grad(learned, argnums=(0, 1), has_aux=True))(hidden, w)
+    assert int(n_ref) == int(n_got) == 9 + 4 + 13
+    assert abs(float(got) - float(ref)) < 1e-4 * abs(float(ref))
+    for a, b in zip(g_ref, g_got):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_learned, gathers", [(13, True), (12, False), (0, False)])
+def test_learned_token_loss_runs_the_head_on_learned_rows_only_when_they_fit(max_learned, gathers):
+    """A spy head adds 1 to every logit of token 0 when it sees all 40 positions: the loss then
+    tells which way ran (the longest row learns 13 tokens)."""
+    hidden, w, labels = _loss_case()
+
+    def spy(x):
+        return x @ w + (x.shape[1] == 40) * jax.nn.one_hot(0, w.shape[1])
+
+    got = float(jax.jit(lambda h: step_lib.learned_token_loss(h, spy, labels, max_learned)[0])(hidden))
+    plain = float(step_lib.cross_entropy(hidden @ w, labels)[0])
+    spied = float(step_lib.cross_entropy(spy(hidden), labels)[0])
+    assert abs(plain - spied) > 0.1
+    assert abs(got - (plain if gathers else spied)) < 1e-4 * plain
+
+
+def test_gathered_loss_trains_as_the_full_loss_on_a_sharded_mesh():
+    cfg = tiny_config(dropout=0.0)
+    batches = [make_batch(cfg, i) for i in range(3)]  # rows learn 17 tokens at most
+    full, p_full, *_ = run(cfg, (2, 2, 2), batches=batches, dropout_rng=False)
+    fast, p_fast, *_ = run(cfg, (2, 2, 2), batches=batches, dropout_rng=False, max_learned=17)
+    assert np.allclose(full, fast, atol=1e-5, rtol=0)
+    assert max_param_diff(p_full, p_fast) < 1e-5
 
 
 def test_lora_trains_only_adapters_and_merges_exactly():

@@ -276,11 +276,11 @@ def _prefill_body(model, ids, mask, frames, frame_mask, knobs, stop, cache_len, 
     b = ids.shape[0]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     cache = model.llm.init_cache(b, cache_len)
-    logits, cache = model(ids, frames, frame_mask, mask, positions=positions, cache=cache)
+    h, cache = model.features(ids, frames, frame_mask, mask, positions=positions, cache=cache)
     start = Decoding(token=jnp.zeros((b,), jnp.int32), emit=jnp.zeros((b,), bool),
                      done=jnp.zeros((b,), bool), stop_state=jnp.zeros((b,), jnp.int32),
                      pos=positions[:, -1], step=jnp.int32(-1))
-    return _advance(start, logits[:, -1], knobs, stop, greedy), decode_cache(cache)
+    return _advance(start, model.llm.logits(h[:, -1]), knobs, stop, greedy), decode_cache(cache)
 
 
 def split_layers(llm) -> list:
@@ -349,7 +349,7 @@ def _decode_forward(llm, token, pos, cache, layers=None):
         h = h + layer.down(jax.nn.silu(layer.gate(y)) * layer.up(y))
         k_out.append(k_cache)
         v_out.append(v_cache)
-    logits = llm.lm_head(llm.norm(h)).astype(jnp.float32)[:, -1]
+    logits = llm.logits(llm.norm(h[:, -1]))
     return logits, dict(k=tuple(k_out), v=tuple(v_out), mask=key_ok, index=index + 1)
 
 

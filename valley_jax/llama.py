@@ -127,6 +127,16 @@ class Llama(nnx.Module):
         """x: [B, T, E] input embeddings; positions: [B, T] int; token_mask: [B, T] bool (False =
         padding); rng: LoRA dropout key (None = deterministic). Returns float32 logits
         [B, T, vocab] and the updated cache (or None)."""
+        h, cache = self.features(x, positions, token_mask, cache, rng)
+        return self.logits(h), cache
+
+    def logits(self, h):
+        """float32 logits [..., vocab] of final hidden states `h` [..., E] (from `features`)."""
+        return self.lm_head(h).astype(jnp.float32)
+
+    def features(self, x, positions, token_mask, cache=None, rng=None):
+        """As `__call__`, but returns the final (normed) hidden states [B, T, E] instead of the
+        logits, so that a loss can run the lm_head on the positions it scores alone."""
         inv_freq = rope_frequencies(self.cfg)
         t = x.shape[1]
         if cache is None:
@@ -152,7 +162,7 @@ class Llama(nnx.Module):
         use_rng = rng is not None and self.cfg.lora is not None and self.cfg.lora.dropout > 0
         layer_rngs = jax.random.split(rng, self.cfg.depth) if use_rng else None
         x, new_kv = run_stacked(self.layers, body, x, (kv, layer_rngs), self.policy)
-        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        h = self.norm(x)
         if cache is None:
-            return logits, None
-        return logits, dict(k=new_kv[0], v=new_kv[1], mask=key_ok, index=index + t)
+            return h, None
+        return h, dict(k=new_kv[0], v=new_kv[1], mask=key_ok, index=index + t)

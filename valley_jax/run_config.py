@@ -30,6 +30,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
         scan_layers=True,
         remat="full",  # none | full | dots | dots_no_batch
         train_vision=False,
+        # The loss runs the lm_head on at most this many learned tokens per sequence (0: on every
+        # position); a batch with a longer answer takes every position, so the loss is the same.
+        max_learned_tokens=0,
         lora_rank=16, lora_alpha=32.0, lora_dropout=0.05,  # stage 'lora' only
     ))
 
@@ -51,6 +54,9 @@ def base(stage: str) -> ml_collections.ConfigDict:
         # always centre-crops.
         random_crop=False,
         num_workers=2,
+        # Decoded video frames each loader process keeps for later epochs (MB; 0: none; not with
+        # random_crop): for data that is read many times over and fits (data.frames.FrameCache).
+        frame_cache_mb=0,
         val_batches=4,  # held-out loss over this many batches
         synthetic=False,  # generate the synthetic world into WORKDIR/data when absent (demo)
         synthetic_num_train=1500,
@@ -102,6 +108,12 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # third turn of the few longest records is cut (the trainer keeps the rounds that fit).
     c.data.max_length = 168
     c.data.num_workers = 2
+    # The world's ~1500 clips (~200 MB of 4 frames at 112 px) are read about 8 times in stage 2:
+    # decoded once, then kept. Decoding was ~4 of a record's 4.5 ms, and the workers decoding
+    # beside the step slowed it by a third on 2 cores (BENCHMARKS.md, "CPU demo", session 21).
+    c.data.frame_cache_mb = 512
+    # A reply is at most 17 tokens (mean ~10 of ~150): the lm_head runs on 24 positions a row.
+    c.model.max_learned_tokens = 24
     c.log_every = 10
     # Every question of the held-out splits (369 of `val`, ~62 per type, a few seconds): with the
     # first 200 (~33 per type) one question moved a type's accuracy by 0.03 and runs compared

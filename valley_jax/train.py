@@ -32,7 +32,7 @@ from valley_jax.data import pipeline
 from valley_jax.data.config import DataConfig, DatasetSpec
 from valley_jax.data.text import load_tokenizer, special_token_ids
 from valley_jax.layers import Policy
-from valley_jax.valley import Valley
+from valley_jax.valley import Valley, fresh_variables
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py:VARIANT).",
                                           lock_config=True)
@@ -156,7 +156,7 @@ def data_config(config, specs, data: str, tok: str, num_patches: int, *, train: 
     return DataConfig(datasets=datasets, tokenizer_path=tok, num_frames=config.model.num_frames,
                       frame_mode=config.data.frame_mode, image_size=config.data.image_size,
                       resize_size=config.data.resize_size, random_crop=train and config.data.random_crop,
-                      max_length=config.data.max_length,
+                      max_length=config.data.max_length, frame_cache_mb=config.data.frame_cache_mb,
                       num_patches=num_patches, batch_size=config.batch_size,
                       seed=config.seed if train else config.seed + 1, shuffle=train,
                       num_epochs=None if train else 1,
@@ -184,22 +184,24 @@ def model_config(config, ids, base: config_lib.ValleyConfig | None) -> config_li
 
 def build_model(config, cfg: config_lib.ValleyConfig, policy: Policy, init_checkpoint: str) -> Valley:
     """A model checkpoint's weights, or a random init (the demo)."""
+    if not init_checkpoint:
+        return Valley(cfg, policy, rngs=nnx.Rngs(config.seed))
     model = nnx.eval_shape(lambda: Valley(cfg, policy, rngs=nnx.Rngs(config.seed)))
-    if init_checkpoint:
-        flat = hf.get_flat(model_ckpt.load_model(init_checkpoint, policy))
-        init = hf.get_flat(Valley(cfg, policy, rngs=nnx.Rngs(config.seed)))
-        # Adapters and a temporal module the checkpoint lacks start fresh; all else is loaded.
-        fresh = sorted(p for p in init if p not in flat)
-        if fresh:
-            log.info("not in %s, freshly initialised: %s", init_checkpoint,
-                     ", ".join(".".join(p) for p in fresh))
-        try:
-            hf.set_flat(model, {**init, **{p: v for p, v in flat.items() if p in init}})
-        except ValueError as e:
-            raise ValueError(f"init.checkpoint {init_checkpoint} does not fit this run's model "
-                             f"(config.model): {e}") from None
-        return model
-    return Valley(cfg, policy, rngs=nnx.Rngs(config.seed))
+    flat = hf.get_flat(model_ckpt.load_model(init_checkpoint, policy))
+    wanted = [tuple(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+    # Adapters and a temporal module the checkpoint lacks start fresh; all else is loaded.
+    fresh = sorted(p for p in wanted if p not in flat)
+    if fresh:
+        log.info("not in %s, freshly initialised: %s", init_checkpoint,
+                 ", ".join(".".join(p) for p in fresh))
+    values = {p: flat[p] for p in wanted if p in flat}
+    values.update(fresh_variables(cfg, policy, config.seed, fresh))
+    try:
+        hf.set_flat(model, values)
+    except ValueError as e:
+        raise ValueError(f"init.checkpoint {init_checkpoint} does not fit this run's model "
+                         f"(config.model): {e}") from None
+    return model
 
 
 def policy_from(config) -> Policy:
@@ -242,7 +244,8 @@ def build_step(config, cfg: config_lib.ValleyConfig, model, mesh, embed_rows_fro
         grad_clip=config.optim.grad_clip, vision_lr_scale=config.optim.vision_lr_scale)
     step_fn = step_lib.make_step(graphdef, trainable, tx, schedule,
                                  micro_batches=config.micro_batches,
-                                 train_vision=config.model.train_vision, mesh=mesh)
+                                 train_vision=config.model.train_vision,
+                                 max_learned=config.model.max_learned_tokens, mesh=mesh)
     abstract = jax.eval_shape(lambda p: step_lib.init_state(p, trainable, tx), params)
     state_sh = step_lib.tree_shardings(abstract, axes, mesh)
     batch_sh = sharding.batch_shardings(batch_shapes(config, cfg), mesh)

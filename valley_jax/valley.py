@@ -88,6 +88,15 @@ class Valley(nnx.Module):
         positions: [B, S] RoPE positions (default: count of real tokens before each token);
         rng: dropout key for the temporal transformer and LoRA (None = deterministic).
         """
+        h, cache = self.features(input_ids, frames, frame_mask, attention_mask, positions=positions,
+                                 cache=cache, rng=rng, train_vision=train_vision)
+        return self.llm.logits(h), cache
+
+    def features(self, input_ids, frames=None, frame_mask=None, attention_mask=None, *,
+                 positions=None, cache=None, rng=None, train_vision: bool = False):
+        """As `__call__`, but the decoder's final (normed) hidden states [B, S, H] instead of the
+        logits: `llm.logits` turns any of them into logits (the train loss scores only the
+        learned positions, generation only the last)."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         attention_mask = attention_mask.astype(bool)
@@ -95,4 +104,20 @@ class Valley(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         temporal_rng, llm_rng = (None, None) if rng is None else jax.random.split(rng)
         x = self.embed(input_ids, frames, frame_mask, rng=temporal_rng, train_vision=train_vision)
-        return self.llm(x, positions, attention_mask, cache, rng=llm_rng)
+        return self.llm.features(x, positions, attention_mask, cache, rng=llm_rng)
+
+
+def fresh_variables(cfg: ValleyConfig, policy: Policy, seed: int, paths) -> dict:
+    """{path: value} of the variables at `paths` as `Valley(cfg, policy, rngs=nnx.Rngs(seed))`
+    initialises them, computed alone: one compiled program that keeps only their initialisers
+    (a model made eagerly compiles every initialiser on its own, ~13 s for the demo's)."""
+    paths = [tuple(p) for p in paths]
+    if not paths:
+        return {}
+
+    def make():
+        model = Valley(cfg, policy, rngs=nnx.Rngs(seed))
+        values = {tuple(p): v[...] for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+        return [values[p] for p in paths]
+
+    return dict(zip(paths, jax.device_get(jax.jit(make)())))

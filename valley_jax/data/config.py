@@ -46,6 +46,9 @@ class DataConfig:
     # centred. Images keep the CLIP processor's centre crop. Needs the media files (JSON
     # datasets): a prepared dataset stores frames already cropped.
     random_crop: bool = False
+    # Each process keeps up to this many MB of decoded video frames (frames.FrameCache) and reuses
+    # them in later epochs instead of decoding the file again; 0: none. Not with random_crop.
+    frame_cache_mb: int = 0
     # Images or frames with a shorter side than this are skipped as broken (e.g. 1x1 pixels).
     min_media_side: int = 8
     max_length: int = 2048

@@ -5,6 +5,7 @@ follow transformers' `CLIPImageProcessor` for CLIP-L/14 (short side to 224 bicub
 Nothing is normalised here: the model does that on device, so uint8 travels (4x fewer bytes).
 """
 
+import collections
 import os
 
 import cv2
@@ -112,6 +113,49 @@ def load_video_frames(video: VideoFile, indices: np.ndarray, config: DataConfig,
         raise ValueError("random_crop needs a random generator")
     return resize_and_center_crop(frames, config.resize_size, config.image_size, config.resize_interpolation,
                                   rng if config.random_crop else None)
+
+
+class FrameCache:
+    """A video's sampled, resized and cropped frames, kept by file for its next epoch.
+
+    Bounded in bytes, least recently used out first; a file is known by its path, size and
+    modification time, so a file replaced during the run is decoded anew. Each process keeps its
+    own (the loader's workers are separate processes). Decoding is most of what a record costs
+    (the demo's: ~4 of 4.5 ms), and on a small machine the workers' decoding slows the train
+    step beside it (BENCHMARKS.md, "Data loader")."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._items: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def key(path: str):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None  # the reader reports it
+        return path, stat.st_size, stat.st_mtime_ns
+
+    def get(self, key) -> np.ndarray | None:
+        frames = self._items.get(key) if key is not None else None
+        if frames is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return frames
+
+    def put(self, key, frames: np.ndarray) -> None:
+        if key is None or frames.nbytes > self.max_bytes or key in self._items:
+            return
+        frames = frames.copy()
+        frames.flags.writeable = False
+        self._items[key] = frames
+        self.bytes += frames.nbytes
+        while self.bytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1].nbytes
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

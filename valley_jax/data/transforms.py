@@ -40,6 +40,18 @@ class JsonRecordToExample(grain.transforms.RandomMap):
         self._config = config
         self._spec = spec
         self._encoder = encoder
+        self._cache = None  # made in the process that maps (a worker), never pickled
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}
+
+    @property
+    def frame_cache(self) -> frames_lib.FrameCache | None:
+        """This process's cache of decoded video frames (DataConfig.frame_cache_mb), or None."""
+        config = self._config
+        if self._cache is None and config.frame_cache_mb > 0 and not config.random_crop:
+            self._cache = frames_lib.FrameCache(config.frame_cache_mb << 20)
+        return self._cache
 
     def random_map(self, raw: bytes, rng: np.random.Generator):
         record = json.loads(raw)
@@ -52,11 +64,19 @@ class JsonRecordToExample(grain.transforms.RandomMap):
         config = self._config
         # Open the media and count its frames first, then tokenise, and only then decode pixels:
         # records that will be skipped for their text cost no decoding.
-        video, frame_indices, image_path = None, None, None
+        video, frame_indices, image_path, cached, cache_key = None, None, None, None, None
         if record.media_kind == "video":
-            video = frames_lib.VideoFile(self._media_path(self._spec.video_root, record))
-            frame_indices = video.frame_indices(config.num_frames, config.frame_mode, config.fps_sample_rate)
-            num_media_frames = len(frame_indices)
+            path = self._media_path(self._spec.video_root, record)
+            cache = self.frame_cache
+            if cache is not None:
+                cache_key = cache.key(path)
+                cached = cache.get(cache_key)
+            if cached is not None:
+                num_media_frames = len(cached)
+            else:
+                video = frames_lib.VideoFile(path)
+                frame_indices = video.frame_indices(config.num_frames, config.frame_mode, config.fps_sample_rate)
+                num_media_frames = len(frame_indices)
         elif record.media_kind == "image":
             image_path = self._media_path(self._spec.image_root, record)
             frames_lib.check_media_file(image_path)
@@ -69,8 +89,12 @@ class JsonRecordToExample(grain.transforms.RandomMap):
         input_ids, labels = self._encoder.encode(prompt, num_media_frames)
 
         frames, frame_mask = _empty_media(config)
-        if video is not None:
+        if cached is not None:
+            frames[:num_media_frames] = cached
+        elif video is not None:
             frames[:num_media_frames] = frames_lib.load_video_frames(video, frame_indices, config, rng)
+            if self.frame_cache is not None:
+                self.frame_cache.put(cache_key, frames[:num_media_frames])
         elif image_path is not None:
             frames[0] = frames_lib.load_image(image_path, config)
         frame_mask[:num_media_frames] = True
