@@ -23,7 +23,6 @@ and all the workers (the other variants' workers idle once their prefetch buffer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -33,10 +32,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
 sys.path.insert(0, ROOT)
 
+import finetune  # noqa: E402  (configs/finetune.py)
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import test_data_fixtures  # noqa: E402,F401  (marks absl flags parsed for the workers)
 from loader import process_tree_cpu_seconds  # noqa: E402
@@ -48,12 +48,6 @@ from valley_jax.data.text import load_tokenizer, special_token_ids  # noqa: E402
 VARIANTS = {"before": dict(frame_cache_mb=0, max_learned_tokens=0),
             "cache": dict(frame_cache_mb=512, max_learned_tokens=0),
             "both": dict(frame_cache_mb=512, max_learned_tokens=24)}
-
-
-def finetune_demo_config():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import finetune
-    return finetune.get_config("demo")
 
 
 class Variant:
@@ -101,13 +95,16 @@ def main() -> None:
     mesh = sharding.make_mesh(-1, 1, 1)
     variants = []
     for name, fields in VARIANTS.items():
-        config = finetune_demo_config()
+        config = finetune.get_config("demo")
         with config.unlocked():
             config.data.frame_cache_mb = fields["frame_cache_mb"]
             config.model.max_learned_tokens = fields["max_learned_tokens"]
         variants.append(Variant(name, config, data, mesh))
-    records = sum(len(json.load(open(os.path.join(data, f)))) for f in ("stage1.json", "stage2.json"))
-    warm = 2 * records // finetune_demo_config().batch_size
+    records = 0
+    for name in ("stage1.json", "stage2.json"):
+        with open(os.path.join(data, name)) as f:
+            records += len(json.load(f))
+    warm = 2 * records // config.batch_size
     print(f"{records} records; warming each variant up for {warm} steps (two epochs)")
     for v in variants:
         v.run(warm)

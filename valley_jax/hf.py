@@ -512,17 +512,19 @@ class ShardedWriter:
         return names
 
 
+def variables(model) -> dict[Path, object]:
+    """{path: nnx.Variable} of every variable of an nnx module (concrete or abstract)."""
+    from flax import nnx
+    return {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+
+
 def flat_shapes(model) -> dict[Path, tuple]:
     """{path: shape} of every variable of an nnx module (concrete or abstract)."""
-    from flax import nnx
-    return {tuple(p): tuple(v.shape) for p, v in nnx.iter_graph(model)
-            if isinstance(v, nnx.Variable)}
+    return {p: tuple(v.shape) for p, v in variables(model).items()}
 
 
 def get_flat(model) -> dict[Path, np.ndarray]:
-    from flax import nnx
-    return {tuple(p): np.asarray(v[...]) for p, v in nnx.iter_graph(model)
-            if isinstance(v, nnx.Variable)}
+    return {p: np.asarray(v[...]) for p, v in variables(model).items()}
 
 
 def set_flat(model, flat: Mapping[Path, np.ndarray], strict: bool = True) -> None:
@@ -530,16 +532,15 @@ def set_flat(model, flat: Mapping[Path, np.ndarray], strict: bool = True) -> Non
     Every array must have its variable's shape: a checkpoint of another architecture (e.g. one
     layer more) is refused, not written in."""
     import jax.numpy as jnp
-    from flax import nnx
-    variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-    if strict and (missing := sorted(p for p in variables if p not in flat)):
+    model_vars = variables(model)
+    if strict and (missing := sorted(p for p in model_vars if p not in flat)):
         raise KeyError(f"no value for parameter {'.'.join(map(str, missing[0]))}")
-    if unused := set(flat) - set(variables):
+    if unused := set(flat) - set(model_vars):
         raise KeyError(f"values for unknown parameters: {sorted(unused)[:5]}")
     if wrong := [f"{'.'.join(map(str, p))} {tuple(np.shape(flat[p]))} (the model's: {v.shape})"
-                 for p, v in variables.items() if p in flat and tuple(np.shape(flat[p])) != v.shape]:
+                 for p, v in model_vars.items() if p in flat and tuple(np.shape(flat[p])) != v.shape]:
         raise ValueError(f"{len(wrong)} parameters have the wrong shape: {'; '.join(wrong[:5])}")
-    for p, v in variables.items():
+    for p, v in model_vars.items():
         if p in flat:
             v.set_value(jnp.asarray(flat[p], dtype=v.get_value().dtype))
 

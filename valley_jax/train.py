@@ -188,7 +188,7 @@ def build_model(config, cfg: config_lib.ValleyConfig, policy: Policy, init_check
         return Valley(cfg, policy, rngs=nnx.Rngs(config.seed))
     model = nnx.eval_shape(lambda: Valley(cfg, policy, rngs=nnx.Rngs(config.seed)))
     flat = hf.get_flat(model_ckpt.load_model(init_checkpoint, policy))
-    wanted = [tuple(p) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+    wanted = hf.flat_shapes(model)
     # Adapters and a temporal module the checkpoint lacks start fresh; all else is loaded.
     fresh = sorted(p for p in wanted if p not in flat)
     if fresh:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from valley_jax import hf
 from valley_jax.clip import CLIPVision
 from valley_jax.config import ValleyConfig
 from valley_jax.layers import Policy
@@ -116,8 +117,7 @@ def fresh_variables(cfg: ValleyConfig, policy: Policy, seed: int, paths) -> dict
         return {}
 
     def make():
-        model = Valley(cfg, policy, rngs=nnx.Rngs(seed))
-        values = {tuple(p): v[...] for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-        return [values[p] for p in paths]
+        model_vars = hf.variables(Valley(cfg, policy, rngs=nnx.Rngs(seed)))
+        return [model_vars[p][...] for p in paths]
 
     return dict(zip(paths, jax.device_get(jax.jit(make)())))

@@ -307,14 +307,8 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
         pixels = (centres + 1) / 2 * frames.shape[1] - np.asarray([x, y], np.float32)
         return np.where(present[..., None] > 0, pixels / size * 2 - 1, 0).astype(np.float32)
 
-    # A pure function of the split state: nnx.jit would walk the module graph on every call,
-    # ~20 ms of Python that on two cores runs beside the step's own threads.
-    graphdef, state = nnx.split((tagger, optimizer))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, images, tags, present, centres, shapes, colours):
-        tagger, optimizer = nnx.merge(graphdef, state)
-
+    @nnx.jit
+    def train_step(tagger, optimizer, images, tags, present, centres, shapes, colours):
         def loss_fn(tagger):
             pooled, (presence, where), (mean_presence, mean_where), patch_logits, *colour_logits = (
                 tagger(images))
@@ -332,9 +326,9 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
 
         loss, grads = nnx.value_and_grad(loss_fn)(tagger)
         optimizer.update(tagger, grads)
-        return nnx.state((tagger, optimizer)), loss
+        return loss
 
-    predict = jax.jit(lambda state, images: jax.tree.leaves(nnx.merge(graphdef, state)[0](images)))
+    predict = nnx.jit(lambda tagger, images: jax.tree.leaves(tagger(images)))
     offset = margin // 2
     patch = model.cfg.vision.patch_size
     ids = palette_ids(frames)  # once: the lookup is most of a step's labelling time
@@ -344,7 +338,7 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
     held_colours = _colour_labels(held_dominant, held_covered)
 
     def held_out() -> dict:
-        outs = [predict(state, frames[held_rows[i:i + 256], offset:offset + size,
+        outs = [predict(tagger, frames[held_rows[i:i + 256], offset:offset + size,
                                        offset:offset + size]) for i in range(0, len(held_rows), 256)]
         pooled, presence, where, mean_presence, mean_where, patch_logits, *colour_logits = (
             np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
@@ -384,11 +378,10 @@ def pretrain(model, frames: np.ndarray, tags: np.ndarray, present: np.ndarray,
         shapes = _shape_labels(dominant, covered, tags[rows]).reshape(len(rows), -1)
         colours = (_colour_labels(dominant, covered).reshape(len(rows), -1) if with_colours
                    else None)
-        state, loss = train_step(state, frames[rows, y:y + size, x:x + size], tags[rows],
-                                 present[rows], crop_centres(centres[rows], present[rows], x, y),
-                                 shapes, colours)
+        loss = train_step(tagger, optimizer, frames[rows, y:y + size, x:x + size], tags[rows],
+                          present[rows], crop_centres(centres[rows], present[rows], x, y),
+                          shapes, colours)
         if step % log_every == 0 or step == steps:
             log.info("vision pretraining step %d/%d loss %.4f held-out %s (%.0f s)", step, steps,
                      float(loss), held_out(), time.perf_counter() - start)
-    nnx.update((tagger, optimizer), state)  # the model's ViT is the tagger's
     return held_out()
