@@ -1,5 +1,6 @@
-"""Probes of a trained demo model's order answers (issue #6): does it know which shape moves
-first, and does its reply follow the video rather than the question's wording?
+"""Probes of a trained demo model (issue #6): does it know which shape moves first, does its
+order reply follow the video rather than the question's wording, and does it read which shape a
+colour or shape question asks about?
 
     python bench/demo_probe.py --workdir /tmp/valley_demo/stage2 [--train-clips 300] [--json PATH]
 
@@ -17,7 +18,12 @@ the scenes, not from any file's answers. Every two-shape clip of `val` (and of t
   order they move ("The B object moves first, then the A object."), so it is the same both ways.
   Scored as the share of questions answered right (chance 0.50) and the share of clips whose two
   replies are alike: a model that reads the order off the video replies alike; one that repeats
-  the question's order replies differently, and gets exactly half right.
+  the question's order replies differently, and gets exactly half right;
+- the shape question about each of the two shapes, naming it by colour ("What shape is the A
+  object?"), and the colour question about each, naming it by shape ("What colour is the
+  circle?"). The two shapes differ in colour and in shape, so the right replies differ: a model
+  that answers alike has not read the question's colour (or shape) word, and gets exactly half
+  right. Scored as for move order.
 
 Answers are scored as the trainer scores them (`qa.score`: exact match after normalisation).
 Greedy generation through `python -m valley_jax.evaluate` (its predictions and results are left
@@ -37,11 +43,14 @@ from valley_jax.data import synthetic
 
 CAPTION_PROMPT = synthetic.CAPTION_PROMPTS["video"][0]
 ORDER_TEMPLATE = synthetic.QUESTIONS["move_order"][0]
+SHAPE_TEMPLATE = synthetic.QUESTIONS["shape"][0]
+COLOUR_TEMPLATE = synthetic.QUESTIONS["colour"][0]
 _COLOURS = re.compile("|".join(synthetic.COLOURS))
 
 
 def probe_records(split: str, meta_args: dict, max_clips: int | None) -> list[dict]:
-    """One caption record and two move-order records for each two-shape clip of `split`."""
+    """One caption record, and two move-order, two shape and two colour records (one about each
+    shape), for each two-shape clip of `split`."""
     # Round 0 (the records zipped with the scenes below) is the same for any number of rounds.
     scenes, _, qa = synthetic.draw_split(
         split, seed=meta_args["seed"], num_train=meta_args["num_train"],
@@ -65,6 +74,15 @@ def probe_records(split: str, meta_args: dict, max_clips: int | None) -> list[di
                                            "before" if a is first else "after")
             records.append(_record(f"{clip}_order_{a.colour}", record["video"], question, answer,
                                    f"order_{split}", clip=clip))
+        for i, sprite in enumerate(scene.sprites):
+            question = SHAPE_TEMPLATE.format(ref=f"{sprite.colour} object")
+            answer = synthetic.answer_text("shape", scene, (i,), "colour", sprite.shape)
+            records.append(_record(f"{clip}_shape_{sprite.colour}", record["video"], question,
+                                   answer, f"shape_{split}", clip=clip))
+            question = COLOUR_TEMPLATE.format(ref=sprite.shape)
+            answer = synthetic.answer_text("colour", scene, (i,), "shape", sprite.colour)
+            records.append(_record(f"{clip}_colour_{sprite.shape}", record["video"], question,
+                                   answer, f"colour_{split}", clip=clip))
     return records
 
 

@@ -231,20 +231,20 @@ def test_layout_counts_and_media(data):
         "codec": synthetic.video_codec(),
     }
     records = {name: split["records"] for name, split in meta["splits"].items()}
-    assert synthetic.QA_ROUNDS == 3
+    assert synthetic.QA_ROUNDS == 6
     assert records == {
         "stage1": NUM_TRAIN,
-        "stage2": 3 * NUM_TRAIN,
+        "stage2": 6 * NUM_TRAIN,
         "val": NUM_HELD_OUT,
         "val_novel": NUM_HELD_OUT,
     }
-    # Every train scene has one caption and three QA records, round by round in the scenes'
+    # Every train scene has one caption and six QA records, round by round in the scenes'
     # order; held-out scenes one QA record each.
     captions, qa = load(data, "stage1"), load(data, "stage2")
-    assert [media_of(r) for r in qa] == 3 * [media_of(r) for r in captions]
-    assert [r["id"] for r in qa[NUM_TRAIN + 1::NUM_TRAIN]] == ["train_qa_00001_r1",
-                                                              "train_qa_00001_r2"]
-    assert len({r["id"] for r in qa}) == 3 * NUM_TRAIN
+    assert [media_of(r) for r in qa] == 6 * [media_of(r) for r in captions]
+    assert [r["id"] for r in qa[NUM_TRAIN + 1::NUM_TRAIN]] == [
+        f"train_qa_00001_r{k}" for k in range(1, 6)]
+    assert len({r["id"] for r in qa}) == 6 * NUM_TRAIN
     videos, images = list((data / "videos").iterdir()), list((data / "images").iterdir())
     assert len(videos) + len(images) == NUM_TRAIN + 2 * NUM_HELD_OUT
     assert {p.suffix for p in videos} == {".mp4"} and {p.suffix for p in images} == {".png", ".jpg"}
@@ -335,7 +335,7 @@ def test_draw_split_replays_the_generated_records_and_scenes(data):
             split, seed=0, num_train=NUM_TRAIN, size=SIZE, frames=FRAMES)
         assert qa == load(data, qa_file)
         assert captions == (load(data, caption_file) if caption_file else [])
-        assert len(qa) == (3 if split == "train" else 1) * len(scenes)
+        assert len(qa) == (synthetic.QA_ROUNDS if split == "train" else 1) * len(scenes)
         for i, record in enumerate(qa):
             scene = scenes[i % len(scenes)]
             assert scene.is_video == ("video" in record)
@@ -420,7 +420,7 @@ def test_generate_skips_a_complete_dataset_and_rebuilds_a_changed_one(tmp_path):
 
     synthetic.generate(tmp_path, num_train=4, **small)
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["args"]["num_train"] == 4 and meta["splits"]["stage2"]["records"] == 12
+    assert meta["args"]["num_train"] == 4 and meta["splits"]["stage2"]["records"] == 4 * 6
     referenced = {media_of(r) for name in ALL_SPLITS for r in load(tmp_path, name)}
     on_disk = media_files(tmp_path)
     assert on_disk == referenced  # the media of the two dropped train scenes are gone
@@ -446,6 +446,26 @@ def test_qa_rounds_add_questions_and_change_nothing_else(tmp_path):
     assert repeats <= 3, repeats
     with pytest.raises(ValueError, match="qa_rounds must be positive"):
         synthetic.generate(tmp_path / "none", qa_rounds=0, **small)
+
+
+def test_later_rounds_ask_about_the_other_shape():
+    """A question type that two rounds ask of a two-shape clip is asked about each shape once:
+    the clip's answers then differ by the question's colour (or shape) word alone."""
+    scenes, _, records = synthetic.draw_split("train", seed=0, num_train=300)
+    named = {}  # (scene, qtype) -> the sprites named by the rounds that ask it, in round order
+    for record in records:
+        scene_index = int(record["id"].split("_")[2])
+        sprites = scenes[scene_index].sprites
+        for human, gpt in qa_turns(record):
+            question = human["value"].split("\n")[-1]
+            if gpt["qtype"] in ("colour", "shape", "direction") and len(sprites) == 2:
+                who = [i for i, s in enumerate(sprites)
+                       if f"the {s.colour} object" in question or f"the {s.shape}" in question]
+                assert len(who) == 1, question
+                named.setdefault((scene_index, gpt["qtype"]), []).extend(who)
+    asked_twice = [names for names in named.values() if len(names) >= 2]
+    assert len(asked_twice) > 100
+    assert all(names[0] != names[1] for names in asked_twice)
 
 
 def test_generate_links_an_identical_dataset_instead_of_generating_it(tmp_path):
@@ -552,8 +572,26 @@ def test_demo_probe_questions_and_scores(data):
     repeat = {r["id"]: f"The {a} object moves first, then the {b} object."
               for r, (a, b) in zip(orders, asked)}
     swapped = {c["id"]: ", then ".join(truth[c["id"]].split(", then ")[::-1]) for c in captions}
-    worst = probe.score(records, {**repeat, **swapped})
+    worst = probe.score(records, {**truth, **repeat, **swapped})
     assert worst["order_val"] == dict(questions=len(orders), accuracy=0.5,
                                       clips_answered_alike=0.0)
     assert worst["caption_val"]["first_mover_named_first"] == 0.0
     assert worst["caption_val"]["exact"] == 0.0
+
+    # Shape and colour questions about each of a clip's two shapes: the truths differ and come
+    # from the caption; a model that answers every question of a clip with the shape (colour) of
+    # its first mover is right exactly half the time and answers every clip alike.
+    for qtype, field in (("shape", 2), ("colour", 1)):
+        group = [r for r in records if r["conversations"][1]["qtype"] == f"{qtype}_val"]
+        assert len(group) == 2 * len(captions)
+        blind = {}
+        for caption in captions:
+            clip = caption["id"].removesuffix("_caption")
+            pair = [r for r in group if r["clip"] == clip]
+            movers = [m.split() for m in re.findall(r"a (\w+ \w+) moves", truth[caption["id"]])]
+            assert sorted(truth[r["id"]] for r in pair) == sorted(m[field - 1] for m in movers)
+            blind.update({r["id"]: movers[0][field - 1] for r in pair})
+        assert perfect[f"{qtype}_val"] == dict(questions=len(group), accuracy=1.0,
+                                               clips_answered_alike=0.0)
+        assert probe.score(records, {**truth, **blind})[f"{qtype}_val"] == dict(
+            questions=len(group), accuracy=0.5, clips_answered_alike=1.0)

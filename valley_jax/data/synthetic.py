@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -51,7 +52,7 @@ from PIL import Image
 from valley_jax import tokens
 
 # Bump whenever the output for given arguments changes, so that stale demo sets are rebuilt.
-VERSION = 4
+VERSION = 5
 
 COLOURS = {
     "red": (230, 30, 30),
@@ -126,8 +127,11 @@ NUM_TRAIN, SIZE, NUM_FRAMES = 1500, 112, 16
 # answered its training questions (colour 1.00, shape 0.96) and not held-out ones (0.73, 0.54) at
 # seed 2, while its captions of held-out clips named each colour's shape right 0.985 of the time:
 # it had learned the answers of 1500 clips, not how to read them off the tokens. Three rounds, no
-# more video: held-out shape 0.83 (BENCHMARKS.md, "CPU demo", session 19).
-QA_ROUNDS = 3
+# more video: held-out shape 0.83 (BENCHMARKS.md, "CPU demo", session 19). Six, later rounds
+# asking first about the shape an earlier round did not (`plan_qa`): the demo's stage 2 read the
+# shape questions' colour words by step 1400 in two of three draws, against one of three with
+# three rounds drawn independently (BENCHMARKS.md, "CPU demo", session 22).
+QA_ROUNDS = 6
 _ROUNDS_STREAM = 99  # the later rounds' random stream: default_rng([seed, _ROUNDS_STREAM])
 MIN_FRAMES = 8
 MIN_SIZE = 64
@@ -396,7 +400,8 @@ _NAMED_BY = {
 }
 
 
-def _handles(sequence: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+@functools.cache  # asked of the same few hundred type sequences for every record
+def _handles(sequence: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
     """For each turn, the kinds of word its question may name sprites by; None if the order leaks.
 
     A turn leaks when its answer kind was named or answered earlier in the record (after
@@ -415,7 +420,7 @@ def _handles(sequence: tuple[str, ...]) -> list[tuple[str, ...]] | None:
         handles.append(options)
         seen.add(_ANSWER_KIND[qtype])
         seen.update(options)
-    return handles
+    return tuple(handles)
 
 
 def answer_text(qtype: str, scene: Scene, named: tuple[int, ...], handle: str | None,
@@ -461,7 +466,8 @@ def _question(
 
 
 def plan_qa(
-    scene: Scene, num_turns: int, tally: Tally, rng: np.random.Generator
+    scene: Scene, num_turns: int, tally: Tally, rng: np.random.Generator,
+    asked: set | None = None,
 ) -> list[tuple[str, str, str]]:
     """`num_turns` (question, answer, qtype) turns, or two where the scene cannot support more.
 
@@ -470,11 +476,22 @@ def plan_qa(
     answer already over its uniform share counts against its type. This keeps both the types
     and the answers within each type near uniform, so that neither a type prior nor a constant
     guess beats chance. `tally` is updated in place.
+
+    `asked` (updated in place) holds the (question type, sprites named) pairs that the scene's
+    earlier records asked; a way to ask that is not among them goes first. So a later round asks
+    a type about the other sprite of a two-shape clip: the clip's two shape questions then have
+    two answers, which only reading the question's colour word tells apart. With each round
+    drawn independently, most two-shape clips were asked the shape of one of their shapes only,
+    an answer learnable from the clip and the turns before it; a demo model that scored shape
+    0.61 (session 21) answered both shape questions of every two-shape clip alike
+    (BENCHMARKS.md, "CPU demo", session 22).
     """
     eligible = _eligible(scene)
     ways = {}
     for qtype in eligible:
         options = _ways_to_ask(qtype, scene)
+        if asked:  # ways not asked in the scene's earlier records, when there are any
+            options = [way for way in options if (qtype, way[0]) not in asked] or options
         rarest = min(tally.answers[qtype][answer] for _, answer in options)
         ways[qtype] = _pick(rng, [way for way in options if tally.answers[qtype][way[1]] == rarest])
     for length in (num_turns, 2):
@@ -496,6 +513,8 @@ def plan_qa(
     turns = []
     for qtype, options in zip(sequence, handles, strict=True):
         named, answer = ways[qtype]
+        if asked is not None:
+            asked.add((qtype, named))
         handle = _pick(rng, options) if options else None
         turns.append((_question(qtype, scene, named, handle, rng),
                       answer_text(qtype, scene, named, handle, answer), qtype))
@@ -520,9 +539,10 @@ def _caption_record(record_id: str, media: dict, scene: Scene, rng: np.random.Ge
 
 
 def _qa_record(
-    record_id: str, media: dict, scene: Scene, tally: Tally, rng: np.random.Generator
+    record_id: str, media: dict, scene: Scene, tally: Tally, rng: np.random.Generator,
+    asked: set | None = None,
 ) -> dict:
-    turns = plan_qa(scene, int(rng.integers(2, 4)), tally, rng)
+    turns = plan_qa(scene, int(rng.integers(2, 4)), tally, rng, asked)
     conversations = []
     for i, (question, answer, qtype) in enumerate(turns):
         value = f"{_placeholder(scene)}\n{question}" if i == 0 else question
@@ -684,10 +704,11 @@ def _write_split(
     QA records). Only train has captions, and `qa_rounds` QA records per scene: round 0 drawn
     with the scenes from the split's stream, rounds 1.. after them from a stream of their own
     (ids `..._r1`, ...), so the scenes, the captions and round 0 do not depend on the number of
-    rounds. Held-out splits have one round."""
+    rounds. A later round asks first what the scene's earlier rounds have not (`plan_qa`'s
+    `asked`). Held-out splits have one round."""
     rng = _split_rng(seed, split, num_train)
     tally = Tally()
-    scenes, captions, qa, medias = [], [], [], []
+    scenes, captions, qa, medias, asked = [], [], [], [], []
     for i in range(_split_sizes(num_train)[split]):
         is_video = rng.random() >= IMAGE_SHARE
         scene = sample_scene(
@@ -696,13 +717,14 @@ def _write_split(
         media = _media(root, split, i, scene, rng)
         if split == "train":
             captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
-        qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng))
+        asked.append(set())
+        qa.append(_qa_record(f"{split}_qa_{i:05d}", media, scene, tally, rng, asked[i]))
         scenes.append(scene)
         medias.append(media)
     rounds_rng = np.random.default_rng([seed, _ROUNDS_STREAM])
     for k in range(1, qa_rounds if split == "train" else 1):
         tally = Tally()
-        qa += [_qa_record(f"{split}_qa_{i:05d}_r{k}", media, scene, tally, rounds_rng)
+        qa += [_qa_record(f"{split}_qa_{i:05d}_r{k}", media, scene, tally, rounds_rng, asked[i])
                for i, (scene, media) in enumerate(zip(scenes, medias, strict=True))]
     return scenes, captions, qa
 
