@@ -103,9 +103,9 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.data.synthetic = True
     c.data.image_size, c.data.resize_size = 112, 128
-    # The longest synthetic record (3 turns, 4 frames) is 166 tokens, most are 130-160: every
-    # padded token costs (192 made the step ~15% slower). With 8 frames (4 more tokens) the
-    # third turn of the few longest records is cut (the trainer keeps the rounds that fit).
+    # Every padded token costs (192 made the step ~15% slower). The longest synthetic record
+    # (3 turns, 4 frames) is 176 tokens, half are 150 or more: at 168 the trainer keeps the
+    # rounds that fit, and a sixth of the QA records (1461 of 9000 in world v5) lose their third.
     c.data.max_length = 168
     c.data.num_workers = 2
     # The world's ~1500 clips (~200 MB of 4 frames at 112 px) are read about 8 times in stage 2:

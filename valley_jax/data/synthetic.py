@@ -129,7 +129,7 @@ NUM_TRAIN, SIZE, NUM_FRAMES = 1500, 112, 16
 # it had learned the answers of 1500 clips, not how to read them off the tokens. Three rounds, no
 # more video: held-out shape 0.83 (BENCHMARKS.md, "CPU demo", session 19). Six, later rounds
 # asking first about the shape an earlier round did not (`plan_qa`): the demo's stage 2 read the
-# shape questions' colour words by step 1400 in two of three draws, against one of three with
+# shape questions' colour words by step 1400 in three of four draws, against one of three with
 # three rounds drawn independently (BENCHMARKS.md, "CPU demo", session 22).
 QA_ROUNDS = 6
 _ROUNDS_STREAM = 99  # the later rounds' random stream: default_rng([seed, _ROUNDS_STREAM])
