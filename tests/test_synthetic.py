@@ -452,18 +452,16 @@ def test_later_rounds_ask_about_the_other_shape():
     """A question type that two rounds ask of a two-shape clip is asked about each shape once:
     the clip's answers then differ by the question's colour (or shape) word alone."""
     scenes, _, records = synthetic.draw_split("train", seed=0, num_train=300)
-    named = {}  # (scene, qtype) -> the sprites named by the rounds that ask it, in round order
+    asked = {}  # (scene, qtype) -> the sprites named by the rounds that ask it, in round order
     for record in records:
         scene_index = int(record["id"].split("_")[2])
         sprites = scenes[scene_index].sprites
         for human, gpt in qa_turns(record):
-            question = human["value"].split("\n")[-1]
             if gpt["qtype"] in ("colour", "shape", "direction") and len(sprites) == 2:
-                who = [i for i, s in enumerate(sprites)
-                       if f"the {s.colour} object" in question or f"the {s.shape}" in question]
-                assert len(who) == 1, question
-                named.setdefault((scene_index, gpt["qtype"]), []).extend(who)
-    asked_twice = [names for names in named.values() if len(names) >= 2]
+                who = named(human["value"].split("\n")[-1], dict(enumerate(sprites)))
+                assert len(who) == 1, human["value"]
+                asked.setdefault((scene_index, gpt["qtype"]), []).extend(who)
+    asked_twice = [names for names in asked.values() if len(names) >= 2]
     assert len(asked_twice) > 100
     assert all(names[0] != names[1] for names in asked_twice)
 
