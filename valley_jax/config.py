@@ -122,7 +122,13 @@ def preset(name: str) -> ValleyConfig:
         # (made for widths of 1024-5120), which would leave these narrow towers nearly linear.
         vision = VisionConfig(image_size=224, patch_size=14, width=64, depth=3, heads=4, mlp_dim=128,
                               init_std=64 ** -0.5)
-        llm = LlamaConfig(vocab_size=1024, hidden=128, depth=2, heads=4, kv_heads=2, head_dim=32,
+        # 8 heads of 16 dims, each with its own keys and values (4 of 32 sharing 2 key-value
+        # heads until session 23: the same width, ~9 % more stage-2 step time). The demo answers a
+        # colour question through a head that finds its shape word, a shape question through one
+        # that finds its colour word; with 2 key-value heads a layer, some draws never grew one
+        # (shape 0.58 at seed 0, colour 0.72 at seed 1). With 8, seeds 0-3 answered colour 1.00
+        # and shape 0.92-1.00 (BENCHMARKS.md, "CPU demo", session 24).
+        llm = LlamaConfig(vocab_size=1024, hidden=128, depth=2, heads=8, kv_heads=8, head_dim=16,
                           mlp_dim=256, max_position=2048, init_std=128 ** -0.5)
         return ValleyConfig(vision=vision, llm=llm, temporal_mlp_dim=256, im_patch_id=1000,
                             vi_frame_id=1001)
