@@ -24,8 +24,8 @@ def get_config(arg: str = "7b"):
     c.eval_every = c.checkpoint_every = 2000
     if variant == "demo":
         run_config.demo(c)
-        # 2800 steps: both stages of the README's line took 12 min 54 s on a 2-core VM
-        # (BENCHMARKS.md, "CPU demo", session 22). From one stage-1 checkpoint, 2400 steps
+        # 2800 steps: both stages of the README's line took 14 min 20 s on a 2-core VM, its
+        # packages installed (BENCHMARKS.md, "CPU demo", session 24). From one stage-1 checkpoint, 2400 steps
         # answered direction 0.65, 2800 steps 0.81 (session 10); in session 21, 2400 steps 0.84.
         c.total_steps = 2800
         c.optim.lr = 1e-3
