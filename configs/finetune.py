@@ -25,8 +25,9 @@ def get_config(arg: str = "7b"):
     if variant == "demo":
         run_config.demo(c)
         # 2800 steps: both stages of the README's line took 14 min 20 s on a 2-core VM, its
-        # packages installed (BENCHMARKS.md, "CPU demo", session 24). From one stage-1 checkpoint, 2400 steps
-        # answered direction 0.65, 2800 steps 0.81 (session 10); in session 21, 2400 steps 0.84.
+        # packages installed (BENCHMARKS.md, "CPU demo", session 24). From one stage-1
+        # checkpoint, 2400 steps answered direction 0.65, 2800 steps 0.81 (session 10); in
+        # session 21, 2400 steps 0.84.
         c.total_steps = 2800
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0

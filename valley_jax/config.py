@@ -123,7 +123,7 @@ def preset(name: str) -> ValleyConfig:
         vision = VisionConfig(image_size=224, patch_size=14, width=64, depth=3, heads=4, mlp_dim=128,
                               init_std=64 ** -0.5)
         # 8 heads of 16 dims, each with its own keys and values (4 of 32 sharing 2 key-value
-        # heads until session 23: the same width, ~9 % more stage-2 step time). The demo answers a
+        # heads until session 23: the same width, 9-11 % more stage-2 time). The demo answers a
         # colour question through a head that finds its shape word, a shape question through one
         # that finds its colour word; with 2 key-value heads a layer, some draws never grew one
         # (shape 0.58 at seed 0, colour 0.72 at seed 1). With 8, seeds 0-3 answered colour 1.00
