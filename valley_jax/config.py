@@ -126,7 +126,7 @@ def preset(name: str) -> ValleyConfig:
         # heads until session 23: the same width, 9-11 % more stage-2 time). The demo answers a
         # colour question through a head that finds its shape word, a shape question through one
         # that finds its colour word; with 2 key-value heads a layer, some draws never grew one
-        # (shape 0.58 at seed 0, colour 0.72 at seed 1). With 8, seeds 0-3 answered colour 1.00
+        # (shape 0.58 at seed 0, colour 0.72 at seed 1). With 8, seeds 0-4 answered colour 1.00
         # and shape 0.92-1.00 (BENCHMARKS.md, "CPU demo", session 24).
         llm = LlamaConfig(vocab_size=1024, hidden=128, depth=2, heads=8, kv_heads=8, head_dim=16,
                           mlp_dim=256, max_position=2048, init_std=128 ** -0.5)
