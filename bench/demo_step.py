@@ -9,6 +9,8 @@ Variants, each its own loader (2 worker processes, as `configs/finetune.py:demo`
   before:   no frame cache, logits at every position (the demo up to session 20)
   cache:    decoded frames kept by each worker (512 MB), logits at every position
   both:     the cache and the lm_head on at most 24 learned tokens a row (the demo now)
+  4heads:   both, with the demo LLM's attention up to session 23 (4 heads of 32 sharing 2
+            key-value heads; 8 heads of 16 with their own since): what the 8 heads cost
 
 The model is the demo's (`configs/finetune.py:demo`: temporal transformer, 4 frames of 112 px,
 the ViT trained, max length 168, batch 16) at its random initialisation, on a synthetic world of
@@ -23,6 +25,7 @@ and all the workers (the other variants' workers idle once their prefetch buffer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -47,16 +50,20 @@ from valley_jax.data.text import load_tokenizer, special_token_ids  # noqa: E402
 
 VARIANTS = {"before": dict(frame_cache_mb=0, max_learned_tokens=0),
             "cache": dict(frame_cache_mb=512, max_learned_tokens=0),
-            "both": dict(frame_cache_mb=512, max_learned_tokens=24)}
+            "both": dict(frame_cache_mb=512, max_learned_tokens=24),
+            "4heads": dict(frame_cache_mb=512, max_learned_tokens=24,
+                           llm=dict(heads=4, kv_heads=2, head_dim=32))}
 
 
 class Variant:
-    def __init__(self, name, config, data, mesh):
+    def __init__(self, name, config, data, mesh, llm=None):
         self.name = name
         tok = train.tokenizer_path(config, data, "")
         tokenizer = load_tokenizer(tok)
         ids = special_token_ids(tokenizer)
         cfg = train.model_config(config, ids, None)
+        if llm:
+            cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm))
         model = train.build_model(config, cfg, train.policy_from(config), "")
         setup = train.build_step(config, cfg, model, mesh, train.new_token_rows_from(tokenizer, ids))
         self.step = setup.step
@@ -99,7 +106,7 @@ def main() -> None:
         with config.unlocked():
             config.data.frame_cache_mb = fields["frame_cache_mb"]
             config.model.max_learned_tokens = fields["max_learned_tokens"]
-        variants.append(Variant(name, config, data, mesh))
+        variants.append(Variant(name, config, data, mesh, fields.get("llm")))
     records = 0
     for name in ("stage1.json", "stage2.json"):
         with open(os.path.join(data, name)) as f:

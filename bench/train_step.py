@@ -37,9 +37,8 @@ from valley_jax.config import ValleyConfig  # noqa: E402
 from valley_jax.layers import Policy  # noqa: E402
 
 CONFIGS = {
-    # The demo model's sizes up to session 23 (valley_jax.config.preset('demo'), whose LLM has
-    # had 8 heads of 16 dims since, not 4 sharing 2 key-value heads) at 224 px, 8 frames; its
-    # layers unrolled, as configs/*.py:demo run them.
+    # The demo model's sizes as of session 23 (its LLM's 4 heads sharing 2 key-value heads; 8
+    # with their own since), at 224 px, 8 frames; layers unrolled, as configs/*.py:demo run them.
     "demo": dict(scan_layers=False,
         vision=dict(image_size=224, patch_size=14, hidden_size=64, num_hidden_layers=3,
                     num_attention_heads=4, intermediate_size=128),
