@@ -593,3 +593,32 @@ def test_demo_probe_questions_and_scores(data):
                                                clips_answered_alike=0.0)
         assert probe.score(records, {**truth, **blind})[f"{qtype}_val"] == dict(
             questions=len(group), accuracy=0.5, clips_answered_alike=1.0)
+
+
+def test_media_written_on_threads_are_the_bytes_written_on_one(tmp_path, monkeypatch):
+    small = {"seed": 5, "size": 64, "frames": 8, "num_train": 10}
+    synthetic.generate(tmp_path / "two", **small)
+    monkeypatch.setattr(synthetic, "WRITE_THREADS", 1)
+    synthetic.generate(tmp_path / "one", **small)
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    two, one = files(tmp_path / "two"), files(tmp_path / "one")
+    assert synthetic.WRITE_THREADS == 1 and len(two) == len(one) > 20
+    assert two == one
+
+
+def test_a_media_write_that_fails_fails_the_generation_unfinished(tmp_path, monkeypatch):
+    write_video = synthetic.write_video
+
+    def fail_on_the_third(path, frames):
+        if path.name == "train_00002.mp4":
+            raise OSError(f"{path}: disk full")
+        write_video(path, frames)
+
+    monkeypatch.setattr(synthetic, "write_video", fail_on_the_third)
+    with pytest.raises(OSError, match="train_00002.mp4: disk full"):
+        synthetic.generate(tmp_path / "w", seed=5, size=64, frames=8, num_train=10)
+    # No meta.json: the next run generates it all again rather than taking it as complete.
+    assert not (tmp_path / "w" / "meta.json").exists()
