@@ -3,6 +3,7 @@ is, a ViT that learns both while nothing else in the model moves, and the traine
 made once."""
 
 import dataclasses
+import json
 import os
 import subprocess
 
@@ -12,6 +13,7 @@ from flax import nnx
 from valley_jax import checkpoint, hf, vision_pretrain
 from valley_jax.config import preset
 from valley_jax.data import synthetic
+from valley_jax.data.config import DataConfig, DatasetSpec
 from valley_jax.layers import Policy
 from valley_jax.valley import Valley
 
@@ -188,3 +190,29 @@ def test_trainer_pretrains_the_vit_once_into_workdir_init(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "vision pretraining" not in again.stdout + again.stderr
+
+
+def test_tagged_frames_reads_records_in_order_and_counts_unreadable_ones(tmp_path, monkeypatch,
+                                                                        caplog):
+    root = tmp_path / "world"
+    synthetic.generate(root, seed=2, size=64, frames=8, num_train=12)
+    records = json.loads((root / "stage1.json").read_text())
+    broken = next(i for i, r in enumerate(records) if "video" in r)
+    (root / records[broken]["video"]).write_bytes(b"not a video")
+    cfg = DataConfig(datasets=(DatasetSpec(path=str(root / "stage1.json")),), tokenizer_path="",
+                     num_frames=4,
+                     image_size=56, resize_size=64, num_patches=16, shuffle=False,
+                     num_epochs=1, num_workers=0)
+    with caplog.at_level("WARNING"):
+        two = vision_pretrain.tagged_frames(str(root / "stage1.json"), str(root), cfg)
+    assert f"skips record {records[broken]['id']}" in caplog.text
+    assert "skipped 1 of 12 records" in caplog.text
+    monkeypatch.setattr(vision_pretrain, "READ_THREADS", 1)
+    one = vision_pretrain.tagged_frames(str(root / "stage1.json"), str(root), cfg)
+    frames, tags, present, centres, record_of = two
+    assert all(np.array_equal(a, b) for a, b in zip(two, one, strict=True))
+    # Every other record, in order: 4 frames of a video, 1 of a still.
+    expected = [i for i, r in enumerate(records) if i != broken
+                for _ in range(4 if "video" in r else 1)]
+    assert record_of.tolist() == expected
+    assert frames.shape == (len(expected), 64, 64, 3) and frames.dtype == np.uint8

@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,7 @@ from valley_jax.data.skips import SkipRecord
 
 log = logging.getLogger(__name__)
 
+READ_THREADS = 2  # frames decoded side by side for the pretraining
 TAGS = tuple(f"{colour} {shape}" for colour in synthetic.COLOURS for shape in synthetic.SHAPES)
 _TAG = re.compile(r"\b(%s) (%s)\b" % ("|".join(synthetic.COLOURS), "|".join(synthetic.SHAPES)))
 _PALETTE = np.asarray(list(synthetic.COLOURS.values()), np.int16)  # [6, 3]
@@ -187,29 +189,37 @@ def tagged_frames(records_path: str, root: str, config: DataConfig):
     `frame_mode`), of each image record the image. Records whose caption names no pair are left
     out, as are unreadable ones (counted and logged)."""
     size = config.resize_size
-    frames, tags, record_of, skipped = [], [], [], 0
     with open(records_path) as f:
         records = json.load(f)
-    for i, record in enumerate(records):
-        tag = caption_tags(record["conversations"][1]["value"])
-        if not tag.any():
-            continue
+    tagged = [(i, record, caption_tags(record["conversations"][1]["value"]))
+              for i, record in enumerate(records)]
+    tagged = [(i, record, tag) for i, record, tag in tagged if tag.any()]
+
+    def read(record):
         try:
             if "video" in record:
                 video = frames_lib.VideoFile(os.path.join(root, record["video"]))
                 indices = video.frame_indices(config.num_frames, config.frame_mode,
                                               config.fps_sample_rate)
-                read = frames_lib.resize_and_center_crop(video.read(indices), size, size,
+                return frames_lib.resize_and_center_crop(video.read(indices), size, size,
                                                          config.resize_interpolation)
-            else:
-                read = _read_image(os.path.join(root, record["image"]), size)[None]
+            return _read_image(os.path.join(root, record["image"]), size)[None]
         except SkipRecord as e:
-            skipped += 1
-            log.warning("vision pretraining skips record %s: %s", record.get("id"), e)
-            continue
-        frames.extend(read)
-        tags.extend([tag] * len(read))
-        record_of.extend([i] * len(read))
+            return e
+
+    frames, tags, record_of, skipped = [], [], [], 0
+    # Decoded on two threads (decord and the resize release the GIL), kept in record order.
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        reads = pool.map(read, [record for _, record, _ in tagged])
+        for (i, record, tag), read_frames in zip(tagged, reads, strict=True):
+            if isinstance(read_frames, SkipRecord):
+                skipped += 1
+                log.warning("vision pretraining skips record %s: %s", record.get("id"),
+                            read_frames)
+                continue
+            frames.extend(read_frames)
+            tags.extend([tag] * len(read_frames))
+            record_of.extend([i] * len(read_frames))
     if skipped:
         log.warning("vision pretraining skipped %d of %d records", skipped, len(records))
     if not frames:
