@@ -1,6 +1,7 @@
 """`python -m valley_jax.evaluate`: the field's dataset layouts, resumable predictions split
 across processes, the offline metric equal to the trainer's, the judge recorded in results."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -344,3 +345,27 @@ def test_demo_evaluates_every_held_out_question(tmp_path):
     spec.loader.exec_module(finetune)
     demo = finetune.get_config("demo")
     assert demo.eval.max_items == 0 and len(demo.eval.qa) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_a_short_last_batch_is_padded_to_the_batch_compiled_before(demo):
+    """qa.answer pads a short last batch with its last item (so a split of 369 questions
+    compiles one batch shape, not two) and keeps only the real rows' answers."""
+    from valley_jax import generate as gen
+
+    model, tokenizer = evaluate.open_model(os.path.join(demo, "model"), "float32")
+    val = os.path.join(demo, "data", "val.json")
+    items = qa.qa_items(val, 11)
+    dcfg = evaluate.data_config(model.cfg, argparse.Namespace(
+        questions=val, num_frames=None, frame_mode="fixed", resize_size=None))
+    root = os.path.dirname(val)
+    alone = [qa.answer(model, tokenizer, [it], dcfg, root, batch_size=4, max_new_tokens=8)[0]
+             for it in items]
+    gen._generate_fused.clear_cache()  # other tests of this session compiled batches of 4
+    batched = qa.answer(model, tokenizer, items, dcfg, root, batch_size=4, max_new_tokens=8)
+    assert batched == alone and len(batched) == 11
+    # Batches of 4, 4 and 3 + 1 padding: one compiled shape (the batch of 4), not two.
+    assert gen._generate_fused._cache_size() == 1

@@ -119,6 +119,9 @@ def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch
     predictions = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
+        real = len(chunk)
+        if start:  # a short last batch padded with its last item: one compiled shape, not two
+            chunk = chunk + [chunk[-1]] * (batch_size - real)
         media = [load_media(it, data_config, root) for it in chunk]
         prompts = []
         for it, (_, mask) in zip(chunk, media):
@@ -131,7 +134,7 @@ def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch
         out = generate(model, prompts, frames, frame_mask,
                        sampling=SamplingConfig(max_new_tokens=max_new_tokens),
                        eos_id=tokenizer.eos_token_id, stop_sequences=[stop])
-        predictions += [clean(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
+        predictions += [clean(tokenizer.decode(o, skip_special_tokens=True)) for o in out[:real]]
     return predictions
 
 
