@@ -215,6 +215,15 @@ def test_dataset_lists_override_from_the_command_line():
     assert tuple(config.eval.qa) == ("q.json",)
 
 
+def test_an_interval_of_zero_is_refused_before_any_work(tmp_path):
+    """`--config.eval_every=0` used to crash with ZeroDivisionError after the first step."""
+    out = subprocess.run(train_cmd(str(tmp_path / "run"), "--config.eval_every=0"), cwd=ROOT,
+                         env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "config.eval_every must be a whole number of at least 1, got 0" in out.stderr
+    assert not os.path.exists(tmp_path / "run")  # refused before the workdir is made
+
+
 def test_accuracy_table_prints_chance_levels(tmp_path):
     from valley_jax import train
 

@@ -7,6 +7,7 @@ the loop (logging, evaluation, checkpoints, signals), and the final model export
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -428,9 +429,24 @@ def main(argv) -> None:
     train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
 
 
+# Counts and intervals that must be at least 1 (an interval of 0 crashed the loop at its first
+# logged step with ZeroDivisionError).
+POSITIVE_FIELDS = ("total_steps", "batch_size", "micro_batches", "log_every", "eval_every",
+                   "checkpoint_every", "keep_checkpoints", "model.num_frames")
+
+
+def check_config(config) -> None:
+    """Fails before any work on a field out of range, naming it."""
+    for name in POSITIVE_FIELDS:
+        value = functools.reduce(getattr, name.split("."), config)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name} must be a whole number of at least 1, got {value!r}")
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) the training described by `config` in `workdir`; returns the final
     evaluation."""
+    check_config(config)
     maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
