@@ -9,7 +9,9 @@ Variants, each its own loader (2 worker processes, as `configs/finetune.py:demo`
   before:   no frame cache, logits at every position (the demo up to session 20)
   cache:    decoded frames kept by each worker (512 MB), logits at every position
   both:     the cache and the lm_head on at most 24 learned tokens a row (the demo now)
-  4heads:   both, with the demo LLM's attention up to session 23 (4 heads of 32 sharing 2
+  block512: both, with the LLM's causal attention in one block of 168 query rows over all 168
+            keys (the demo up to session 24; three blocks of 56 since, `model.attention_block`)
+  4heads:   block512, with the demo LLM's attention up to session 23 (4 heads of 32 sharing 2
             key-value heads; 8 heads of 16 with their own since): what the 8 heads cost
 
 The model is the demo's (`configs/finetune.py:demo`: temporal transformer, 4 frames of 112 px,
@@ -18,7 +20,8 @@ the ViT trained, max length 168, batch 16) at its random initialisation, on a sy
 does). Every loader first reads two epochs, so that the cached variants hit their cache, as
 they do for ~7 of stage 2's ~8 epochs; then the variants take turns: `--steps` steps each, per
 repeat. Reported: median seconds per step (wall clock, the loader included, as the trainer's
-tokens/s), each repeat's ratios against `before`, and the CPU seconds per step of this process
+tokens/s), each repeat's ratios against the first variant (`before`
+unless `--variants` says otherwise), and the CPU seconds per step of this process
 and all the workers (the other variants' workers idle once their prefetch buffers are full).
 """
 
@@ -48,10 +51,11 @@ from valley_jax import step as step_lib  # noqa: E402
 from valley_jax.data import pipeline, synthetic  # noqa: E402
 from valley_jax.data.text import load_tokenizer, special_token_ids  # noqa: E402
 
-VARIANTS = {"before": dict(frame_cache_mb=0, max_learned_tokens=0),
-            "cache": dict(frame_cache_mb=512, max_learned_tokens=0),
+VARIANTS = {"before": dict(frame_cache_mb=0, max_learned_tokens=0, attention_block=512),
+            "cache": dict(frame_cache_mb=512, max_learned_tokens=0, attention_block=512),
             "both": dict(frame_cache_mb=512, max_learned_tokens=24),
-            "4heads": dict(frame_cache_mb=512, max_learned_tokens=24,
+            "block512": dict(frame_cache_mb=512, max_learned_tokens=24, attention_block=512),
+            "4heads": dict(frame_cache_mb=512, max_learned_tokens=24, attention_block=512,
                            llm=dict(heads=4, kv_heads=2, head_dim=32))}
 
 
@@ -95,17 +99,26 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200, help="train scenes of the world")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "valley_demo_step_bench"))
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated; ratios are against the first")
     args = parser.parse_args()
 
     data = os.path.join(args.workdir, "data")
     synthetic.generate(data, num_train=args.scenes)
     mesh = sharding.make_mesh(-1, 1, 1)
     variants = []
-    for name, fields in VARIANTS.items():
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+    for name in names:
+        fields = VARIANTS[name]
         config = finetune.get_config("demo")
         with config.unlocked():
             config.data.frame_cache_mb = fields["frame_cache_mb"]
             config.model.max_learned_tokens = fields["max_learned_tokens"]
+            config.model.attention_block = fields.get("attention_block",
+                                                      config.model.attention_block)
         variants.append(Variant(name, config, data, mesh, fields.get("llm")))
     records = 0
     for name in ("stage1.json", "stage2.json"):
@@ -130,7 +143,7 @@ def main() -> None:
             v.loader.close()
     result = {"backend": jax.default_backend(), "cores": os.cpu_count(), "steps": args.steps,
               "repeats": args.repeats, "variants": {}}
-    base = times["before"]
+    base = times[names[0]]
     for v in variants:
         ratios = [b / t for b, t in zip(base, times[v.name])]
         result["variants"][v.name] = dict(

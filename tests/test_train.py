@@ -215,6 +215,26 @@ def test_dataset_lists_override_from_the_command_line():
     assert tuple(config.eval.qa) == ("q.json",)
 
 
+def test_the_decoders_attention_blocks_come_from_the_config():
+    import importlib.util
+
+    from valley_jax import train
+    from valley_jax.layers import Policy
+
+    spec = importlib.util.spec_from_file_location("finetune",
+                                                  os.path.join(ROOT, "configs/finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    # The demo's 168 tokens in three blocks of 56; the 7B recipe keeps the default of 512.
+    assert train.policy_from(finetune.get_config("demo")).attention_block == 56
+    assert train.policy_from(finetune.get_config("7b")).attention_block == 512
+    assert Policy().attention_block == 512
+    config = finetune.get_config("demo")
+    config.model.attention_block = 0
+    with pytest.raises(ValueError, match="config.model.attention_block must be a whole number"):
+        train.check_config(config)
+
+
 def test_an_interval_of_zero_is_refused_before_any_work(tmp_path):
     """`--config.eval_every=0` used to crash with ZeroDivisionError after the first step."""
     out = subprocess.run(train_cmd(str(tmp_path / "run"), "--config.eval_every=0"), cwd=ROOT,

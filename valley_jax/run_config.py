@@ -29,6 +29,10 @@ def base(stage: str) -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights
         scan_layers=True,
         remat="full",  # none | full | dots | dots_no_batch
+        # The decoder's causal attention runs in query blocks of this many rows, each over the
+        # keys up to its end only (layers.causal_attention): smaller blocks skip more of the
+        # masked half, in more and smaller products.
+        attention_block=512,
         train_vision=False,
         # The loss runs the lm_head on at most this many learned tokens per sequence (0: on every
         # position); a batch with a longer answer takes every position, so the loss is the same.
@@ -107,6 +111,10 @@ def demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # (3 turns, 4 frames) is 176 tokens, half are 150 or more: at 168 the trainer keeps the
     # rounds that fit, and a sixth of the QA records (1461 of 9000 in world v5) lose their third.
     c.data.max_length = 168
+    # Its 168 rows in three blocks of 56 over 56, 112 and 168 keys: two thirds of the scores of
+    # one block; the LLM's attention forward and backward ~25 % faster on 2 cores
+    # (BENCHMARKS.md, "CPU demo", session 25).
+    c.model.attention_block = 56
     c.data.num_workers = 2
     # The world's ~1500 clips (~200 MB of 4 frames at 112 px) are read about 8 times in stage 2:
     # decoded once, then kept. Decoding was ~4 of a record's 4.5 ms, and the workers decoding

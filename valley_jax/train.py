@@ -207,7 +207,8 @@ def build_model(config, cfg: config_lib.ValleyConfig, policy: Policy, init_check
 
 def policy_from(config) -> Policy:
     return Policy(dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype],
-                  scan_layers=config.model.scan_layers, remat=config.model.remat)
+                  scan_layers=config.model.scan_layers, remat=config.model.remat,
+                  attention_block=config.model.attention_block)
 
 
 def batch_shapes(config, cfg: config_lib.ValleyConfig) -> dict:
@@ -432,7 +433,8 @@ def main(argv) -> None:
 # Counts and intervals that must be at least 1 (an interval of 0 crashed the loop at its first
 # logged step with ZeroDivisionError).
 POSITIVE_FIELDS = ("total_steps", "batch_size", "micro_batches", "log_every", "eval_every",
-                   "checkpoint_every", "keep_checkpoints", "model.num_frames")
+                   "checkpoint_every", "keep_checkpoints", "model.num_frames",
+                   "model.attention_block")
 
 
 def check_config(config) -> None:
