@@ -24,7 +24,8 @@ def get_config(arg: str = "7b"):
         run_config.demo(c)
         c.total_steps = 60
         c.optim.lr = 2e-3
-        c.eval_every = c.checkpoint_every = 30
+        c.checkpoint_every = 30
+        c.eval_every = 60  # held-out loss at the end only (its compilation and batches: seconds)
         # The stand-in for CLIP (which cannot be downloaded here): the random ViT first learns to
         # tag frames with their captions' colour-shape pairs, through its class token and the
         # mean of its patch tokens where each colour is, and through each patch token which
