@@ -24,10 +24,10 @@ def get_config(arg: str = "7b"):
     c.eval_every = c.checkpoint_every = 2000
     if variant == "demo":
         run_config.demo(c)
-        # 2800 steps: both stages of the README's line took 14 min 20 s on a 2-core VM, its
-        # packages installed (BENCHMARKS.md, "CPU demo", session 24). From one stage-1
-        # checkpoint, 2400 steps answered direction 0.65, 2800 steps 0.81 (session 10); in
-        # session 21, 2400 steps 0.84.
+        # 2800 steps: the README's line from a fresh install took 15 min 21 s and 16 min 45 s
+        # on session 25's 2-core VM (BENCHMARKS.md, "CPU demo", session 25). Fewer answer
+        # direction worse: 2200 steps 0.79 at seeds 0 and 1, where 2800 answered 0.92 and 0.84
+        # (session 25); 2400 steps 0.65 against 2800's 0.81 (session 10), 0.84 (session 21).
         c.total_steps = 2800
         c.optim.lr = 1e-3
         c.optim.weight_decay = 0.0
