@@ -119,9 +119,6 @@ def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch
     predictions = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        real = len(chunk)
-        if start:  # a short last batch padded with its last item: one compiled shape, not two
-            chunk = chunk + [chunk[-1]] * (batch_size - real)
         media = [load_media(it, data_config, root) for it in chunk]
         prompts = []
         for it, (_, mask) in zip(chunk, media):
@@ -129,6 +126,10 @@ def answer(model, tokenizer, items: list[dict], data_config, root: str, *, batch
                                                legacy), add_special_tokens=False)
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             prompts.append(np.asarray(bos + ids, np.int32))
+        real = len(chunk)
+        if start:  # a short last batch padded with its last row: one compiled shape, not two
+            media += [media[-1]] * (batch_size - real)
+            prompts += [prompts[-1]] * (batch_size - real)
         frames = np.stack([m[0] for m in media])
         frame_mask = np.stack([m[1] for m in media])
         out = generate(model, prompts, frames, frame_mask,

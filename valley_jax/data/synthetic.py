@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -681,33 +682,31 @@ def _split_sizes(num_train: int) -> dict[str, int]:
     return {"train": num_train, "val": held_out, "val_novel": held_out}
 
 
+def _run_now(job: Callable[[], None]) -> None:
+    job()
+
+
 def _media(
     root: Path | None, split: str, index: int, scene: Scene, rng: np.random.Generator,
-    writes: list | None = None, pool: ThreadPoolExecutor | None = None,
+    run: Callable[[Callable[[], None]], None] = _run_now,
 ) -> dict:
-    """Renders and writes one scene (nothing when `root` is None); returns the record's media
-    field. With a `pool`, the rendering and encoding run there, their futures appended to
-    `writes` (each file is encoded on one thread, so its bytes do not depend on the pool)."""
+    """Renders and writes one scene (nothing when `root` is None) through `run` (at once by
+    default; `generate` hands it to its threads); returns the record's media field."""
     stem = f"{split}_{index:05d}"
     if scene.is_video:
         relative = f"videos/{stem}.mp4"
-        job = (lambda path=root / relative: write_video(path, render(scene))) if root else None
-        media = {"video": relative}
-    else:
-        relative = f"images/{stem}.{_pick(rng, ('png', 'jpg'))}"
-        job = (lambda path=root / relative: write_image(path, render(scene)[0])) if root else None
-        media = {"image": relative}
-    if job is not None:
-        if pool is None:
-            job()
-        else:
-            writes.append(pool.submit(job))
-    return media
+        if root is not None:
+            run(lambda: write_video(root / relative, render(scene)))
+        return {"video": relative}
+    relative = f"images/{stem}.{_pick(rng, ('png', 'jpg'))}"
+    if root is not None:
+        run(lambda: write_image(root / relative, render(scene)[0]))
+    return {"image": relative}
 
 
 def _write_split(
     root: Path | None, split: str, *, seed: int, num_train: int, size: int, frames: int,
-    qa_rounds: int, writes: list | None = None, pool: ThreadPoolExecutor | None = None,
+    qa_rounds: int, run: Callable[[Callable[[], None]], None] = _run_now,
 ) -> tuple[list[Scene], list[dict], list[dict]]:
     """Media for the split's scenes (none when `root` is None); returns (scenes, caption records,
     QA records). Only train has captions, and `qa_rounds` QA records per scene: round 0 drawn
@@ -723,7 +722,7 @@ def _write_split(
         scene = sample_scene(
             rng, size=size, frames=frames, is_video=is_video, novel=split == "val_novel"
         )
-        media = _media(root, split, i, scene, rng, writes, pool)
+        media = _media(root, split, i, scene, rng, run)
         if split == "train":
             captions.append(_caption_record(f"train_caption_{i:05d}", media, scene, rng))
         asked.append(set())
@@ -866,14 +865,15 @@ def generate(
     check_decord_reads(size, frames)
 
     splits: dict[str, list[dict]] = {}
-    # Scenes are drawn here in order; their media are rendered and encoded on two threads (the
-    # encoders release the GIL): ~25 -> ~18 s for the demo's world on 2 cores, the same bytes.
-    writes: list = []
+    # Scenes are drawn here in order; their media are rendered and encoded on two threads, each
+    # file on one (the encoders release the GIL): ~25 -> ~18 s for the demo's world on 2 cores,
+    # the same bytes.
+    writes = []
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
         for split in _split_sizes(num_train):
             _, captions, qa = _write_split(root, split, seed=seed, num_train=num_train,
                                            size=size, frames=frames, qa_rounds=qa_rounds,
-                                           writes=writes, pool=pool)
+                                           run=lambda job: writes.append(pool.submit(job)))
             if split == "train":
                 splits["stage1"], splits["stage2"] = captions, qa
             else:
